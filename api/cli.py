@@ -1,0 +1,120 @@
+"""The `pel-tune` command line: the demo, the service processes, and a REST client for everyday use.
+
+    pel-tune demo                                   # the whole service on the embedded default, real data
+    pel-tune migrate | api | worker                 # run one part of the service (settings from PELTUNE_* env)
+    pel-tune datasets add --uri file:///data/bbbc039
+    pel-tune checkpoints add --file model.pt
+    pel-tune jobs submit --kind finetune --dataset ID --checkpoint ID --config '{"loss": "pel_ce", "steps": 200}'
+    pel-tune jobs show ID | jobs list | jobs metrics ID | jobs wait ID | jobs download ID model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_URL = os.environ.get("PELTUNE_URL", "http://127.0.0.1:8000")
+
+
+def _run_service(argv: list[str]) -> int:
+    os.execvp(sys.executable, [sys.executable, *argv])
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from api.client import PelTuneClient
+
+    with PelTuneClient(args.url) as client:
+        match args.group, args.action:
+            case ("datasets" | "checkpoints") as group, "add":
+                register = client.register_dataset if group == "datasets" else client.register_checkpoint
+                result = register(uri=args.uri, file=args.file, name=args.name)
+            case "datasets", "list":
+                result = client.datasets()
+            case "checkpoints", "list":
+                result = client.checkpoints()
+            case "jobs", "submit":
+                result = client.submit_job(kind=args.kind, dataset_id=args.dataset, checkpoint_id=args.checkpoint,
+                                           config=json.loads(args.config), nprocs=args.nprocs)
+            case "jobs", "list":
+                result = client.jobs()
+            case "jobs", "show":
+                result = client.job(args.id)
+            case "jobs", "metrics":
+                result = client.metrics(args.id)
+            case "jobs", "wait":
+                result = client.wait(args.id, timeout=args.timeout)
+            case "jobs", "download":
+                result = {"path": str(client.download_checkpoint(args.id, Path(args.dest)))}
+            case _:
+                raise AssertionError(f"unhandled command {args.group} {args.action}")
+    print(json.dumps(result, indent=2))
+    return 0 if not isinstance(result, dict) or result.get("status") != "failed" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pel-tune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="group", required=True)
+    sub.add_parser("demo", help="run a real fine-tuning job through the whole service on the embedded default")
+    sub.add_parser("migrate", help="alembic upgrade head on PELTUNE_DATABASE_URL")
+    api = sub.add_parser("api", help="serve the REST API (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", default="8000")
+    sub.add_parser("worker", help="run a Celery worker that executes jobs")
+
+    for group in ("datasets", "checkpoints", "jobs"):
+        group_parser = sub.add_parser(group, help=f"{group} on the API at --url")
+        group_parser.add_argument("--url", default=DEFAULT_URL, help="API base URL (env PELTUNE_URL)")
+        actions = group_parser.add_subparsers(dest="action", required=True)
+        actions.add_parser("list")
+        if group != "jobs":
+            add = actions.add_parser("add", help="register by --uri, or upload --file")
+            source = add.add_mutually_exclusive_group(required=True)
+            source.add_argument("--uri")
+            source.add_argument("--file", type=Path)
+            add.add_argument("--name")
+            continue
+        submit = actions.add_parser("submit")
+        submit.add_argument("--kind", choices=["baseline", "finetune"], default="finetune")
+        submit.add_argument("--dataset", required=True)
+        submit.add_argument("--checkpoint")
+        submit.add_argument("--config", default="{}", help="training settings as JSON (see docs/design.md)")
+        submit.add_argument("--nprocs", type=int, default=1)
+        for action in ("show", "metrics", "wait", "download"):
+            action_parser = actions.add_parser(action)
+            action_parser.add_argument("id")
+            if action == "wait":
+                action_parser.add_argument("--timeout", type=float, default=3600)
+            if action == "download":
+                action_parser.add_argument("dest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    match args.group:
+        case "demo":
+            from api.demo import main as demo_main
+
+            return demo_main()
+        case "migrate":
+            return _run_service(["-m", "alembic", "-c", str(Path(__file__).resolve().parents[1] / "alembic.ini"),
+                                 "upgrade", "head"])
+        case "api":
+            return _run_service(["-m", "uvicorn", "api.main:app", "--host", args.host, "--port", args.port])
+        case "worker":
+            return _run_service(["-m", "celery", "-A", "worker.celery_app:app", "worker", "--pool", "solo",
+                                 "--concurrency", "1", "--loglevel", "INFO"])
+    from api.client import ApiError
+
+    try:
+        return _client_command(args)
+    except ApiError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
