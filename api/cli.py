@@ -1,11 +1,11 @@
 """The `pel-tune` command line: the demo, the service processes, and a REST client for everyday use.
 
-    pel-tune demo                                   # the whole service on the embedded default, real data
-    pel-tune migrate | api | worker                 # run one part of the service (settings from PELTUNE_* env)
-    pel-tune datasets add --uri file:///data/bbbc039
-    pel-tune checkpoints add --file model.pt
-    pel-tune jobs submit --kind finetune --dataset ID --checkpoint ID --config '{"loss": "pel_ce", "steps": 200}'
-    pel-tune jobs show ID | jobs list | jobs metrics ID | jobs wait ID | jobs download ID model.pt
+pel-tune demo                                   # the whole service on the embedded default, real data
+pel-tune migrate | api | worker                 # run one part of the service (settings from PELTUNE_* env)
+pel-tune datasets add --uri file:///data/bbbc039
+pel-tune checkpoints add --file model.pt
+pel-tune jobs submit --kind finetune --dataset ID --checkpoint ID --config '{"loss": "pel_ce", "steps": 200}'
+pel-tune jobs show ID | jobs list | jobs metrics ID | jobs wait ID | jobs download ID model.pt
 """
 
 from __future__ import annotations
@@ -19,8 +19,43 @@ from pathlib import Path
 DEFAULT_URL = os.environ.get("PELTUNE_URL", "http://127.0.0.1:8000")
 
 
-def _run_service(argv: list[str]) -> int:
-    os.execvp(sys.executable, [sys.executable, *argv])
+def api_command(host: str, port: int | str) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)]
+
+
+def worker_command() -> list[str]:
+    # solo pool: the task itself only supervises a torchrun subprocess, so one job per worker process is the
+    # design; scale out with more worker processes (one per GPU node).
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+    ]
+
+
+def migrate_command() -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "alembic",
+        "-c",
+        str(Path(__file__).resolve().parents[1] / "alembic.ini"),
+        "upgrade",
+        "head",
+    ]
+
+
+def _exec(argv: list[str]) -> int:
+    os.execvp(argv[0], argv)
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -36,8 +71,13 @@ def _client_command(args: argparse.Namespace) -> int:
             case "checkpoints", "list":
                 result = client.checkpoints()
             case "jobs", "submit":
-                result = client.submit_job(kind=args.kind, dataset_id=args.dataset, checkpoint_id=args.checkpoint,
-                                           config=json.loads(args.config), nprocs=args.nprocs)
+                result = client.submit_job(
+                    kind=args.kind,
+                    dataset_id=args.dataset,
+                    checkpoint_id=args.checkpoint,
+                    config=json.loads(args.config),
+                    nprocs=args.nprocs,
+                )
             case "jobs", "list":
                 result = client.jobs()
             case "jobs", "show":
@@ -55,7 +95,9 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pel-tune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pel-tune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="group", required=True)
     sub.add_parser("demo", help="run a real fine-tuning job through the whole service on the embedded default")
     sub.add_parser("migrate", help="alembic upgrade head on PELTUNE_DATABASE_URL")
@@ -100,19 +142,22 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main()
         case "migrate":
-            return _run_service(["-m", "alembic", "-c", str(Path(__file__).resolve().parents[1] / "alembic.ini"),
-                                 "upgrade", "head"])
+            return _exec(migrate_command())
         case "api":
-            return _run_service(["-m", "uvicorn", "api.main:app", "--host", args.host, "--port", args.port])
+            return _exec(api_command(args.host, args.port))
         case "worker":
-            return _run_service(["-m", "celery", "-A", "worker.celery_app:app", "worker", "--pool", "solo",
-                                 "--concurrency", "1", "--loglevel", "INFO"])
+            return _exec(worker_command())
+    import httpx
+
     from api.client import ApiError
 
     try:
         return _client_command(args)
     except ApiError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"cannot reach the PEL Tune API at {args.url}: {exc} (set --url or PELTUNE_URL)", file=sys.stderr)
         return 1
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from api.cli import api_command, migrate_command, worker_command
 from api.client import ApiError, PelTuneClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ class Services:
 
     def migrate(self) -> None:
         result = subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            migrate_command(),
             cwd=REPO_ROOT,
             env=self.env,
             capture_output=True,
@@ -122,10 +123,8 @@ class Services:
         self.processes.append((name, proc))
 
     def start_all(self) -> None:
-        self.start("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                           "--port", str(self.port), "--log-level", "warning"])
-        self.start("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
-                              "--pool", "solo", "--concurrency", "1", "--loglevel", "INFO"])
+        self.start("api", [*api_command("127.0.0.1", self.port), "--log-level", "warning"])
+        self.start("worker", worker_command())
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -224,7 +223,12 @@ def cached_baseline(client: PelTuneClient, dataset_id: str) -> dict | None:
     """A succeeded baseline job on this dataset trained with exactly this recipe, if any."""
     for job in client.jobs():
         same_recipe = all(job["config"].get(key) == value for key, value in BASELINE_CONFIG.items())
-        if job["kind"] == "baseline" and job["status"] == "succeeded" and job["dataset_id"] == dataset_id and same_recipe:
+        if (
+            job["kind"] == "baseline"
+            and job["status"] == "succeeded"
+            and job["dataset_id"] == dataset_id
+            and same_recipe
+        ):
             return job
     return None
 
@@ -267,14 +271,22 @@ def run_demo(home: Path) -> None:
 
         baseline = cached_baseline(client, dataset["id"])
         if baseline is None:
-            baseline = run_job(client, services, "baseline", kind="baseline", dataset_id=dataset["id"],
-                               config=BASELINE_CONFIG)
+            baseline = run_job(
+                client, services, "baseline", kind="baseline", dataset_id=dataset["id"], config=BASELINE_CONFIG
+            )
         else:
             print(f"baseline: reusing job {baseline['id']} (same recipe, already trained)")
 
-        finetune = run_job(client, services, "PEL tune", kind="finetune", dataset_id=dataset["id"],
-                           checkpoint_id=baseline["output_checkpoint_id"], config=FINETUNE_CONFIG,
-                           nprocs=FINETUNE_PROCESSES)
+        finetune = run_job(
+            client,
+            services,
+            "PEL tune",
+            kind="finetune",
+            dataset_id=dataset["id"],
+            checkpoint_id=baseline["output_checkpoint_id"],
+            config=FINETUNE_CONFIG,
+            nprocs=FINETUNE_PROCESSES,
+        )
         summary = finetune["summary"]
         checkpoint = client.download_checkpoint(finetune["id"], home / "downloads" / f"{finetune['id']}.pt")
 
