@@ -1,0 +1,1 @@
+"""Database layer: typed models (`models`), engines and sessions (`session`), data functions (`crud`)."""

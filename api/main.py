@@ -1,0 +1,52 @@
+"""The PEL Tune REST API: ``uvicorn api.main:app`` (OpenAPI UI at /docs).
+
+Environment: see api/settings.py (PELTUNE_HOME, PELTUNE_DATABASE_URL, PELTUNE_BROKER_URL, PELTUNE_STORAGE_URL,
+PELTUNE_S3_ENDPOINT_URL + AWS_*, PELTUNE_TASK_QUEUE, PELTUNE_MAX_UPLOAD_BYTES, PELTUNE_AUTO_MIGRATE).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from api.db.migrate import upgrade_head
+from api.errors import install_error_handlers
+from api.routes import checkpoints, datasets, jobs
+from api.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; ``settings`` pins its configuration (tests), else the environment is read at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        current = app.state.settings or get_settings()
+        if current.auto_migrate:
+            await anyio.to_thread.run_sync(upgrade_head, current.database_url)
+        yield
+
+    app = FastAPI(
+        title="PEL Tune",
+        version="0.1.0",
+        summary="Distributed PointWise Exponential Loss fine-tuning of segmentation models",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (checkpoints, datasets, jobs):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+app = create_app()

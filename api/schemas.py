@@ -1,0 +1,150 @@
+"""Request and response bodies.
+
+``TrainSettings`` (the ``config`` of a job) is generated from ``pel.train.TrainConfig`` so the API accepts exactly
+the trainer's fields and types, never drifting from them; ``CONSTRAINTS`` adds the bounds, checked here so a bad
+value is a 422 naming the field instead of a job that fails minutes later in the worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from api.db.models import JobKind, JobStatus
+from pel.train import TrainConfig
+
+MAX_NPROCS = 64
+
+# Bounds per TrainConfig field (pydantic Field keywords). Fields not listed are checked for their type only.
+CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "alpha": {"gt": 0},
+    "n": {"gt": 0},
+    "region_weight": {"ge": 0},
+    "ce_weight": {"ge": 0},
+    "patch_size": {"ge": 16},
+    "batch_size": {"ge": 1},
+    "fg_fraction": {"ge": 0, "le": 1},
+    "steps": {"ge": 1},
+    "lr": {"gt": 0},
+    "weight_decay": {"ge": 0},
+    "val_every": {"ge": 1},
+    "val_images": {"ge": 1},
+    "eval_overlap": {"ge": 0, "lt": 1},
+    "seed": {"ge": 0},
+}
+# Set by the job's kind, never by the client.
+SERVER_FIELDS = frozenset({"mode"})
+
+
+class _TrainSettingsBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" in data:
+            raise ValueError('"mode" is not a config field here: it is the job\'s "kind" (baseline or finetune)')
+        return data
+
+
+def _train_settings_model() -> type[BaseModel]:
+    hints = typing.get_type_hints(TrainConfig)
+    definitions: dict[str, Any] = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in SERVER_FIELDS:
+            continue
+        bounds = CONSTRAINTS.get(field.name, {})
+        if field.default_factory is not dataclasses.MISSING:
+            spec = Field(default_factory=field.default_factory, **bounds)
+        else:
+            spec = Field(default=field.default, **bounds)
+        definitions[field.name] = (hints[field.name], spec)
+    return create_model(
+        "TrainSettings",
+        __base__=_TrainSettingsBase,
+        __doc__="pel.train.TrainConfig fields except `mode` (set by the job kind); see docs/design.md.",
+        **definitions,
+    )
+
+
+TrainSettings = _train_settings_model()
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    uri: str
+    size_bytes: int
+    sha256: str
+    source_job_id: str | None
+    created_at: datetime
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    uri: str
+    num_images: int
+    splits: dict[str, int] = Field(description="number of images per split")
+    created_at: datetime
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "finetune",
+                    "dataset_id": "5f0c…",
+                    "checkpoint_id": "9a1e…",
+                    "nprocs": 2,
+                    "config": {"loss": "pel_ce", "steps": 200, "lr": 1e-4, "patch_size": 128},
+                }
+            ]
+        },
+    )
+
+    kind: JobKind
+    dataset_id: str = Field(min_length=1, max_length=64)
+    checkpoint_id: str | None = Field(
+        None, min_length=1, max_length=64, description="init checkpoint; required for finetune, absent for baseline"
+    )
+    nprocs: int = Field(1, ge=1, le=MAX_NPROCS, description="training processes (DDP ranks) on one worker host")
+    config: TrainSettings = Field(default_factory=TrainSettings)  # type: ignore[valid-type]
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    dataset_id: str
+    checkpoint_id: str | None
+    nprocs: int
+    config: dict[str, Any]
+    progress: float
+    step: int
+    total_steps: int | None
+    error: str | None
+    output_checkpoint_id: str | None
+    summary: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    points: list[dict[str, Any]] = Field(
+        description='metrics.jsonl lines in step order: {"step", "total_steps", "loss", "ce", "lr", ...}'
+    )

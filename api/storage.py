@@ -1,0 +1,264 @@
+"""Object store: where checkpoints and dataset archives live, behind one small interface.
+
+Two backends: ``S3Store`` (boto3; AWS, MinIO or a moto server via ``PELTUNE_S3_ENDPOINT_URL``) and ``LocalStore``
+(a folder). Rows in SQL keep full URIs (``s3://bucket/key``, ``file:///abs/path``), so a row stays readable
+when the configured store changes; ``store_for_uri`` turns such a URI back into (store, key).
+
+Nothing here reads a whole object into memory: uploads use boto3's managed (multipart) transfer, downloads
+stream in chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from api.settings import Settings, get_settings
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class StorageError(Exception):
+    """A URI we cannot use, or an object that is not there."""
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class ObjectStore(Protocol):
+    def uri(self, key: str) -> str: ...
+
+    def put_file(self, key: str, path: Path) -> str:
+        """Upload a local file under key; returns the object's URI."""
+        ...
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        """Download key to dest (written under a temporary name, then renamed)."""
+        ...
+
+    def open_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+
+class LocalStore:
+    """A folder as an object store; keys are relative paths below it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    def path(self, key: str) -> Path:
+        # normpath, not resolve(): refuse ".." in keys, but follow no symlinks (a registered file:// URI may be one).
+        path = Path(os.path.normpath(self.root / key.lstrip("/")))
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes the store root {self.root}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return self.path(key).as_uri()
+
+    def put_file(self, key: str, path: Path) -> str:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        shutil.copyfile(path, partial)
+        partial.replace(dest)  # atomic: readers never see a half-written object
+        return dest.as_uri()
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        source = self._existing(key)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        return dest
+
+    def open_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        source = self._existing(key)  # raise now, not at the first next()
+
+        def chunks() -> Iterator[bytes]:
+            with open(source, "rb") as stream:
+                while chunk := stream.read(chunk_size):
+                    yield chunk
+
+        return chunks()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._existing(key).stat().st_size
+
+    def _existing(self, key: str) -> Path:
+        path = self.path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"no object at {path.as_uri()}")
+        return path
+
+
+class S3Store:
+    """An S3 bucket (optionally below a key prefix)."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client: Any = None) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or s3_client(endpoint_url)
+        # Multipart above 64 MiB, so multi-GB checkpoints upload in parallel parts and never sit in memory whole.
+        self._transfer = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2)
+
+    def key(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.key(key)}"
+
+    def put_file(self, key: str, path: Path) -> str:
+        self.client.upload_file(str(path), self.bucket, self.key(key), Config=self._transfer)
+        return self.uri(key)
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        from botocore.exceptions import ClientError
+
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.close(fd)
+        try:
+            self.client.download_file(self.bucket, self.key(key), partial, Config=self._transfer)
+            os.replace(partial, dest)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
+            raise
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return dest
+
+    def open_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(key))["Body"]
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+        return chunks()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.key(key))["ContentLength"])
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
+            raise
+
+
+@lru_cache(maxsize=8)
+def s3_client(endpoint_url: str | None) -> Any:
+    """One boto3 client per endpoint (clients are thread-safe; creating one costs tens of milliseconds)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+def _is_not_found(exc: Any) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def file_uri_path(uri: str) -> Path:
+    """The local path of a ``file://`` URI (``file:///abs/path``; a host other than localhost is refused)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise StorageError(f"not a file:// URI: {uri!r}")
+    if parsed.netloc not in ("", "localhost"):
+        raise StorageError(f"file:// URI with a host is not supported: {uri!r} (use file:///absolute/path)")
+    path = unquote(parsed.path)
+    if not path.startswith("/"):
+        raise StorageError(f"file:// URI must hold an absolute path: {uri!r}")
+    return Path(path)
+
+
+def store_from_url(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
+    """The store a ``PELTUNE_STORAGE_URL`` names: ``s3://bucket[/prefix]`` or ``file:///folder``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"S3 URL without a bucket: {url!r}")
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+    if parsed.scheme == "file":
+        return LocalStore(file_uri_path(url))
+    raise StorageError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///path")
+
+
+def get_store(settings: Settings | None = None) -> ObjectStore:
+    """The configured object store, where new objects are written."""
+    settings = settings or get_settings()
+    return store_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+
+
+def store_for_uri(uri: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
+    """(store, key) for a stored object's URI: ``s3://bucket/key`` or ``file:///abs/path``."""
+    settings = settings or get_settings()
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        key = parsed.path.lstrip("/")
+        if not parsed.netloc or not key:
+            raise StorageError(f"S3 URI must name a bucket and a key: {uri!r}")
+        return S3Store(parsed.netloc, endpoint_url=settings.s3_endpoint_url), key
+    if parsed.scheme == "file":
+        path = file_uri_path(uri)
+        return LocalStore(path.parent), path.name
+    raise StorageError(f"unsupported URI {uri!r}: use s3://bucket/key or file:///absolute/path")
+
+
+def localize(uri: str, tmp_dir: Path, settings: Settings | None = None) -> Path:
+    """A local path for the object at uri: a ``file://`` path as is (no copy), an S3 object downloaded into tmp_dir.
+
+    A ``file://`` URI may name a folder (datasets registered in place); an S3 URI must name one object.
+    """
+    if uri.startswith("file:"):
+        path = file_uri_path(uri)
+        if not path.exists():
+            raise ObjectNotFound(f"nothing at {uri}")
+        return path
+    store, key = store_for_uri(uri, settings)
+    name = Path(key).name or "object"
+    return store.get_file(key, Path(tmp_dir) / name)
+
+
+def normalise_uri(uri: str) -> str:
+    """Canonical spelling of a stored URI (``file:`` URIs as ``Path.as_uri()`` writes them)."""
+    uri = uri.strip()
+    if uri.startswith("file:"):
+        return Path(os.path.normpath(file_uri_path(uri))).as_uri()
+    return uri

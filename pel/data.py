@@ -1,0 +1,431 @@
+"""Segmentation datasets on disk: ``images/`` and ``masks/`` paired by file stem, plus an optional ``splits.json``.
+
+Images are PNG or TIFF, 8- or 16-bit, grey or RGB(A); each is scaled per image from its 1st–99.8th percentile to
+[0, 1] (one range for all channels so colours keep their balance). Masks are instance or class label images and
+become training targets: ``"binary"`` (0 background, 1 foreground) or ``"boundary"`` (0 background, 1 interior,
+2 the one-pixel rim of each instance, which separates touching nuclei).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+__all__ = [
+    "DatasetError",
+    "DatasetIndex",
+    "IMAGE_SUFFIXES",
+    "SPLITS",
+    "Sample",
+    "TARGETS",
+    "extract_archive",
+    "load_split",
+    "make_target",
+    "normalise_image",
+    "num_classes_for",
+    "open_dataset",
+    "read_image",
+    "read_mask",
+]
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+TARGETS = ("binary", "boundary")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_MAX_NAMES = 10
+_DEFAULT_SPLIT_SEED = 0
+_LOW_PERCENTILE, _HIGH_PERCENTILE = 1.0, 99.8
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message names the problem and the file(s)."""
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """What :func:`open_dataset` found: ids (sorted file stems), the splits and the paired file paths.
+
+    ``channels`` is the image channel count shared by every image (1 for grey, 3 for RGB).
+    """
+
+    root: Path
+    ids: list[str]
+    splits: dict[str, list[str]]
+    image_paths: dict[str, Path]
+    mask_paths: dict[str, Path]
+    channels: int = 1
+
+
+@dataclass
+class Sample:
+    """One loaded pair: ``image`` (C, H, W) float32 in [0, 1] and ``mask`` (H, W) int64 target classes."""
+
+    id: str
+    image: np.ndarray
+    mask: np.ndarray = field(repr=False)
+
+
+def num_classes_for(target: str) -> int:
+    """Number of output classes (background included) a model needs for ``target``."""
+    if target == "binary":
+        return 2
+    if target == "boundary":
+        return 3
+    raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
+
+
+def open_dataset(root: str | Path) -> DatasetIndex:
+    """Index the dataset at ``root`` and check it can be trained on, reading only the file headers.
+
+    Raises :class:`DatasetError` for a missing ``images/`` or ``masks/`` folder, no images, unsupported or
+    unreadable files, images without masks (or masks without images), image/mask size mismatches, images with
+    different channel counts, and a malformed ``splits.json`` (including ids it names that do not exist).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    folders = {name: root / name for name in ("images", "masks")}
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise DatasetError(f"dataset {root} has no {name}/ folder (expected images/ and masks/ side by side)")
+    image_paths = _list_files(folders["images"])
+    mask_paths = _list_files(folders["masks"])
+    if not image_paths:
+        raise DatasetError(f"empty dataset: no PNG or TIFF images in {folders['images']}")
+
+    without_mask = sorted(set(image_paths) - set(mask_paths))
+    if without_mask:
+        raise DatasetError(
+            f"{len(without_mask)} image(s) in {folders['images']} have no mask in {folders['masks']} "
+            f"(paired by file name without extension): {_names(image_paths[i].name for i in without_mask)}"
+        )
+    without_image = sorted(set(mask_paths) - set(image_paths))
+    if without_image:
+        raise DatasetError(
+            f"{len(without_image)} mask(s) in {folders['masks']} have no image in {folders['images']}: "
+            f"{_names(mask_paths[i].name for i in without_image)}"
+        )
+
+    ids = sorted(image_paths)
+    channels: dict[int, list[str]] = {}
+    for sample_id in ids:
+        image_size, image_channels = _probe(image_paths[sample_id])
+        mask_size, mask_channels = _probe(mask_paths[sample_id], mask=True)
+        if mask_channels != 1:
+            raise DatasetError(
+                f"mask {mask_paths[sample_id]} has {mask_channels} channels; masks must be single-channel label images"
+            )
+        if image_size != mask_size:
+            raise DatasetError(
+                f"image/mask size mismatch for {sample_id!r}: {image_paths[sample_id]} is {_hw(image_size)} but "
+                f"{mask_paths[sample_id]} is {_hw(mask_size)}"
+            )
+        channels.setdefault(image_channels, []).append(image_paths[sample_id].name)
+    if len(channels) > 1:
+        detail = "; ".join(f"{c} channel(s): {_names(names)}" for c, names in sorted(channels.items()))
+        raise DatasetError(f"images in {folders['images']} have different channel counts ({detail})")
+
+    splits = _read_splits(root, ids)
+    return DatasetIndex(
+        root=root,
+        ids=ids,
+        splits=splits,
+        image_paths=image_paths,
+        mask_paths=mask_paths,
+        channels=next(iter(channels)),
+    )
+
+
+def load_split(index: DatasetIndex, split: str, target: str = "binary") -> list[Sample]:
+    """Load and normalise the images of ``split`` (in the split's order) with their ``target`` masks."""
+    num_classes_for(target)  # validates the target name before any file is read
+    if split not in index.splits:
+        raise DatasetError(f"unknown split {split!r} (the dataset has {', '.join(index.splits)})")
+    samples = []
+    for sample_id in index.splits[split]:
+        image = normalise_image(read_image(index.image_paths[sample_id]))
+        labels = read_mask(index.mask_paths[sample_id])
+        if image.shape[1:] != labels.shape:
+            raise DatasetError(
+                f"image/mask size mismatch for {sample_id!r}: {index.image_paths[sample_id]} is "
+                f"{_hw(image.shape[1:])} but {index.mask_paths[sample_id]} is {_hw(labels.shape)}"
+            )
+        samples.append(Sample(id=sample_id, image=image, mask=make_target(labels, target)))
+    return samples
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as (C, H, W) in its stored dtype: grey → 1 channel, RGB and RGBA (alpha dropped) → 3."""
+    array = _read_array(path)
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3:
+        if array.shape[-1] in (3, 4) and array.shape[0] not in (1, 3, 4):
+            return np.moveaxis(array[..., :3], -1, 0)
+        if array.shape[0] in (1, 3, 4):  # TIFF stored channels-first
+            return array[:3] if array.shape[0] == 4 else array
+        if array.shape[-1] == 1:
+            return np.moveaxis(array, -1, 0)
+    raise DatasetError(f"unsupported image shape {array.shape} in {path} (expected H×W, H×W×3/4 or 3×H×W)")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a label image as (H, W) int64; labels must be non-negative integers."""
+    array = _read_array(path, mask=True)
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    if array.ndim != 2:
+        raise DatasetError(f"mask {path} has shape {array.shape}; masks must be single-channel label images")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise DatasetError(f"mask {path} holds non-integer values; masks must be integer labels")
+    elif array.dtype.kind not in "biu":
+        raise DatasetError(f"mask {path} has unsupported data type {array.dtype}")
+    labels = array.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise DatasetError(f"mask {path} holds negative labels; labels must be 0 (background) or positive")
+    return labels
+
+
+def normalise_image(image: np.ndarray) -> np.ndarray:
+    """Scale (C, H, W) so the 1st–99.8th percentile range maps to [0, 1], clipped; a flat image becomes zeros."""
+    values = image.astype(np.float32)
+    low, high = np.percentile(values, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
+    if not high > low:
+        return np.zeros_like(values)
+    return np.clip((values - low) / (high - low), 0.0, 1.0, out=values)
+
+
+def make_target(labels: np.ndarray, target: str) -> np.ndarray:
+    """Turn an instance/class label image into ``target`` classes (int64, same shape)."""
+    foreground = labels > 0
+    if target == "binary":
+        return foreground.astype(np.int64)
+    if target != "boundary":
+        raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
+    # A foreground pixel is on the boundary when a 4-neighbour carries another label (background included).
+    # Edge padding keeps objects cut by the image border from gaining a rim along the border itself.
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    differs = (
+        (padded[:-2, 1:-1] != centre)
+        | (padded[2:, 1:-1] != centre)
+        | (padded[1:-1, :-2] != centre)
+        | (padded[1:-1, 2:] != centre)
+    )
+    out = foreground.astype(np.int64)
+    out[foreground & differs] = 2
+    return out
+
+
+def extract_archive(archive: str | Path, dest: str | Path) -> Path:
+    """Unpack a zip or tar(.gz/.bz2/.xz) ``archive`` into ``dest``; return the folder holding images/ and masks/.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components, symbolic or hard
+    links and special files raise :class:`DatasetError` naming the member, and nothing is extracted.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DatasetError(f"archive not found: {archive}")
+    dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        _extract_zip(archive, dest)
+    elif tarfile.is_tarfile(archive):
+        _extract_tar(archive, dest)
+    else:
+        raise DatasetError(f"{archive} is not a zip or tar archive")
+    return _find_dataset_root(archive, dest)
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for info in members:
+            _check_member_name(archive, info.filename)
+            mode = info.external_attr >> 16  # Unix mode when the archiver recorded one; the type bits may be 0
+            if stat.S_ISLNK(mode):
+                raise DatasetError(f"{archive}: member {info.filename!r} is a symbolic link; links are not allowed")
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise DatasetError(f"{archive}: member {info.filename!r} is not a regular file or folder")
+        for info in members:
+            target = dest.joinpath(*_parts(info.filename))
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for member in members:
+                _check_member_name(archive, member.name)
+                if member.issym() or member.islnk():
+                    raise DatasetError(
+                        f"{archive}: member {member.name!r} is a {'symbolic' if member.issym() else 'hard'} link; "
+                        "links are not allowed"
+                    )
+                if not (member.isfile() or member.isdir()):
+                    raise DatasetError(f"{archive}: member {member.name!r} is not a regular file or folder")
+            for member in members:
+                target = dest.joinpath(*_parts(member.name))
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(member)
+                assert src is not None  # regular files always have data
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DatasetError(f"{archive}: cannot read the tar archive ({type(exc).__name__}: {exc})") from None
+
+
+def _parts(name: str) -> list[str]:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    normalised = name.replace("\\", "/")
+    if normalised.startswith("/") or PurePosixPath(normalised).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise DatasetError(f"{archive}: member {name!r} has an absolute path; archives must hold relative paths")
+    if ".." in normalised.split("/"):
+        raise DatasetError(f"{archive}: member {name!r} contains '..'; archives must not point outside themselves")
+
+
+def _find_dataset_root(archive: Path, dest: Path) -> Path:
+    candidates = [
+        folder
+        for folder in [dest, *sorted(p for p in dest.rglob("*") if p.is_dir())]
+        if "__MACOSX" not in folder.parts and (folder / "images").is_dir() and (folder / "masks").is_dir()
+    ]
+    if not candidates:
+        raise DatasetError(f"{archive}: no folder in the archive holds both images/ and masks/")
+    if len(candidates) > 1:
+        names = _names(str(c.relative_to(dest)) or "." for c in candidates)
+        raise DatasetError(f"{archive}: several folders hold images/ and masks/ ({names}); upload one dataset")
+    return candidates[0]
+
+
+def _list_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    unsupported = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue  # hidden files such as .DS_Store or macOS "._x.png" resource forks
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            unsupported.append(path.name)
+            continue
+        if path.stem in files:
+            raise DatasetError(f"{folder}: two files share the id {path.stem!r}: {files[path.stem].name}, {path.name}")
+        files[path.stem] = path
+    if unsupported:
+        raise DatasetError(f"{folder}: unsupported file type (PNG or TIFF expected): {_names(unsupported)}")
+    return files
+
+
+def _probe(path: Path, *, mask: bool = False) -> tuple[tuple[int, int], int]:
+    """(H, W) and channel count from the file header, without decoding the pixels."""
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+        else:
+            with Image.open(path) as im:
+                width, height = im.size
+                bands = len(im.getbands())
+                channels = 3 if (im.mode == "P" and not mask) or bands >= 3 else 1
+                return (height, width), channels
+    except Exception as exc:
+        raise DatasetError(f"unreadable file {path}: {type(exc).__name__}: {exc}") from None
+    if len(shape) == 2:
+        return (shape[0], shape[1]), 1
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+        return (shape[0], shape[1]), min(shape[-1], 3)
+    if len(shape) == 3 and shape[0] in (1, 3, 4):
+        return (shape[1], shape[2]), min(shape[0], 3)
+    raise DatasetError(f"unsupported image shape {shape} in {path} (expected H×W, H×W×3/4 or 3×H×W)")
+
+
+def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            return np.asarray(tifffile.imread(path))
+        with Image.open(path) as im:
+            if im.mode == "P":
+                # Palette PNGs are colour images, but for a mask the palette index is the label.
+                return np.asarray(im) if mask else np.asarray(im.convert("RGB"))
+            if im.mode in ("1", "LA"):
+                return np.asarray(im.convert("L"))
+            if im.mode == "I;16B":
+                return np.asarray(im).astype(np.uint16)
+            return np.asarray(im)
+    except Exception as exc:
+        raise DatasetError(f"unreadable file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_splits(root: Path, ids: list[str]) -> dict[str, list[str]]:
+    path = root / "splits.json"
+    if not path.is_file():
+        return _default_splits(ids)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} must be an object with the lists {', '.join(SPLITS)}")
+    known = set(ids)
+    splits: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for split in SPLITS:  # other keys (e.g. a "note") are ignored
+        members = data.get(split)
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise DatasetError(f'{path}: "{split}" must be a list of image ids (file names without extension)')
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            raise DatasetError(
+                f'{path}: "{split}" names {len(unknown)} id(s) with no image/mask pair: {_names(unknown)}'
+            )
+        for m in members:
+            if m in seen:
+                raise DatasetError(f'{path}: id {m!r} is listed in both "{seen[m]}" and "{split}"')
+            seen[m] = split
+        splits[split] = list(members)
+    return splits
+
+
+def _default_splits(ids: list[str]) -> dict[str, list[str]]:
+    """Deterministic 70/15/15 split of the sorted ids; val and test get at least one id when there are 3."""
+    order = [ids[i] for i in np.random.default_rng(_DEFAULT_SPLIT_SEED).permutation(len(ids))]
+    n = len(order)
+    n_val = max(1, round(0.15 * n)) if n >= 3 else 0
+    n_test = max(1, round(0.15 * n)) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+
+
+def _names(items: Iterable[object]) -> str:
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:_MAX_NAMES])
+    return shown + (f", ... ({len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else "")
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}×{shape[1]}"

@@ -1,0 +1,165 @@
+"""/v1/checkpoints: uploads (streamed, size-capped), URI registration, format check, streamed downloads."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from api.settings import Settings
+from tests.factories import make_checkpoint, make_foreign_torch_file
+from tests.services import S3_BUCKET, s3_client
+
+
+def upload(client: TestClient, path: Path, **data: str):  # noqa: ANN201 - httpx.Response
+    with open(path, "rb") as stream:
+        return client.post("/v1/checkpoints", files={"file": (path.name, stream)}, data=data)
+
+
+def test_upload_then_get_list_and_download(client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "tiny-unet.pt")
+    response = upload(client, path)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "tiny-unet"
+    assert body["size_bytes"] == path.stat().st_size
+    assert body["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert body["source_job_id"] is None
+    assert body["uri"].startswith((settings.home / "objects").as_uri())
+
+    assert client.get(f"/v1/checkpoints/{body['id']}").json() == body
+    assert body["id"] in {c["id"] for c in client.get("/v1/checkpoints").json()}
+
+    with client.stream("GET", f"/v1/checkpoints/{body['id']}/download") as download:
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "application/octet-stream"
+        assert int(download.headers["content-length"]) == body["size_bytes"]
+        data = b"".join(download.iter_bytes())
+    assert data == path.read_bytes()
+
+
+def test_name_can_be_given(client: TestClient, tmp_path: Path) -> None:
+    response = upload(client, make_checkpoint(tmp_path / "m.pt"), name="my baseline")
+    assert response.status_code == 201
+    assert response.json()["name"] == "my baseline"
+
+
+def test_register_by_file_uri_without_copying(client: TestClient, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "in place.pt")
+    response = client.post("/v1/checkpoints", data={"uri": path.as_uri()})
+    assert response.status_code == 201, response.text
+    assert response.json()["uri"] == path.as_uri()
+    assert response.json()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_register_by_s3_uri(client: TestClient, s3_endpoint: str, settings: Settings, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "remote.pt")
+    key = f"external/{tmp_path.name}/remote.pt"
+    s3_client(s3_endpoint).upload_file(str(path), S3_BUCKET, key)
+    app_settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint})
+    with TestClient(create_app(app_settings)) as s3_aware:
+        response = s3_aware.post("/v1/checkpoints", data={"uri": f"s3://{S3_BUCKET}/{key}"})
+        assert response.status_code == 201, response.text
+        checkpoint = response.json()
+        assert checkpoint["size_bytes"] == path.stat().st_size
+        downloaded = s3_aware.get(f"/v1/checkpoints/{checkpoint['id']}/download")
+        assert downloaded.content == path.read_bytes()
+
+        missing = s3_aware.post("/v1/checkpoints", data={"uri": f"s3://{S3_BUCKET}/external/none.pt"})
+        assert missing.status_code == 422
+        assert missing.json()["detail"][0]["loc"] == ["body", "uri"]
+
+
+def test_upload_to_s3_store(s3_client_app: TestClient, s3_settings: Settings, s3_endpoint: str, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "model.pt")
+    response = upload(s3_client_app, path)
+    assert response.status_code == 201, response.text
+    uri = response.json()["uri"]
+    assert uri.startswith(s3_settings.storage_url + "/checkpoints/")
+    key = uri.removeprefix(f"s3://{S3_BUCKET}/")
+    stored = s3_client(s3_endpoint).get_object(Bucket=S3_BUCKET, Key=key)["Body"].read()
+    assert stored == path.read_bytes()
+    downloaded = s3_client_app.get(f"/v1/checkpoints/{response.json()['id']}/download")
+    assert downloaded.status_code == 200 and downloaded.content == stored
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [(b"definitely not a zip", "model.pt"), (b"PK\x03\x04 truncated zip", "model.pt")],
+)
+def test_non_checkpoints_are_refused(client: TestClient, tmp_path: Path, content: bytes, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    response = upload(client, path)
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert "not a PyTorch checkpoint" in error["msg"]
+
+
+def test_zip_without_data_pkl_is_refused(client: TestClient, tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "x.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/readme.txt", "hello")
+    assert upload(client, path).status_code == 422
+
+
+def test_a_foreign_torch_file_passes_the_format_check(client: TestClient, tmp_path: Path) -> None:
+    # The API checks the container only (it never unpickles user files); the worker's load rejects it later.
+    assert upload(client, make_foreign_torch_file(tmp_path / "foreign.pt")).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "loc"),
+    [
+        ({}, None, ["body", "file"]),
+        ({"uri": "file:///nonexistent/model.pt"}, None, ["body", "uri"]),
+        ({"uri": "ftp://host/model.pt"}, None, ["body", "uri"]),
+        ({"uri": "file:///x.pt"}, {"file": ("m.pt", b"PK")}, ["body"]),
+    ],
+)
+def test_form_errors_name_the_field(client: TestClient, data: dict, files: dict | None, loc: list[str]) -> None:
+    response = client.post("/v1/checkpoints", data=data, files=files)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == loc
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    for path in ("/v1/checkpoints/0123", "/v1/checkpoints/0123/download"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert "checkpoint '0123' not found" in response.json()["detail"]
+
+
+def test_oversize_upload_is_413_and_leaves_nothing(settings: Settings, tmp_path: Path) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 64 * 1024})
+    path = make_checkpoint(tmp_path / "big.pt", width=16, depth=2)  # a few hundred KiB
+    assert path.stat().st_size > 64 * 1024
+    with TestClient(create_app(small)) as client:
+        before = client.get("/v1/checkpoints", params={"limit": 1000}).json()
+        response = upload(client, path)
+        assert response.status_code == 413
+        assert "limit" in response.json()["detail"]
+        assert client.get("/v1/checkpoints", params={"limit": 1000}).json() == before
+    uploads = small.home / "tmp" / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())  # the partial upload was removed
+
+
+def test_oversize_by_content_length_is_refused_before_reading(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 1024})
+
+    def body():  # noqa: ANN202 - a generator the server must not need to drain
+        yield b"x" * 10
+
+    with TestClient(create_app(small)) as client:
+        response = client.post(
+            "/v1/checkpoints",
+            content=body(),
+            headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(50 * 1024 * 1024)},
+        )
+    assert response.status_code == 413

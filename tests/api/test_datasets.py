@@ -1,0 +1,158 @@
+"""/v1/datasets: archives are unpacked and indexed with pel.data before a row exists; folders register in place."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from api.settings import Settings
+from tests.factories import make_archive, make_dataset
+from tests.services import S3_BUCKET, s3_client
+
+
+def upload(client: TestClient, path: Path, **data: str):  # noqa: ANN201 - httpx.Response
+    with open(path, "rb") as stream:
+        return client.post("/v1/datasets", files={"file": (path.name, stream)}, data=data)
+
+
+@pytest.mark.parametrize("archive_name", ["cells.zip", "cells.tar.gz", "cells.tar"])
+def test_upload_archive(client: TestClient, settings: Settings, tmp_path: Path, archive_name: str) -> None:
+    archive = make_archive(make_dataset(tmp_path / "cells", n=6), tmp_path / archive_name)
+    response = upload(client, archive)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "cells"
+    assert body["num_images"] == 6
+    assert body["splits"] == {"train": 4, "val": 1, "test": 1}
+    stored = Path(body["uri"].removeprefix("file://"))
+    assert stored.is_file() and stored.read_bytes() == archive.read_bytes()
+    assert stored.name.endswith(archive_name.split(".", 1)[1])  # the archive kind survives in the key
+    assert client.get(f"/v1/datasets/{body['id']}").json() == body
+    assert body["id"] in {d["id"] for d in client.get("/v1/datasets").json()}
+
+
+def test_default_splits_when_no_splits_json(client: TestClient, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "plain", n=20)
+    (folder / "splits.json").unlink()
+    response = upload(client, make_archive(folder, tmp_path / "plain.zip"), name="no splits file")
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "no splits file"
+    assert sum(response.json()["splits"].values()) == 20
+
+
+def test_register_folder_in_place(client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "in place", n=5)
+    response = client.post("/v1/datasets", data={"uri": folder.as_uri()})
+    assert response.status_code == 201, response.text
+    assert response.json()["uri"] == folder.as_uri()
+    assert response.json()["num_images"] == 5
+    assert not (settings.home / "objects").exists()  # nothing was copied
+
+
+def test_register_real_bbbc039_in_place(client: TestClient, bbbc039_root: Path) -> None:
+    response = client.post("/v1/datasets", data={"uri": bbbc039_root.as_uri(), "name": "bbbc039"})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["num_images"] == 200
+    assert body["splits"] == {"train": 100, "val": 50, "test": 50}
+
+
+def test_register_archive_uris(client: TestClient, settings: Settings, s3_endpoint: str, tmp_path: Path) -> None:
+    archive = make_archive(make_dataset(tmp_path / "remote", n=4), tmp_path / "remote.tar.gz")
+    local = client.post("/v1/datasets", data={"uri": archive.as_uri()})
+    assert local.status_code == 201, local.text
+    assert local.json()["num_images"] == 4
+
+    key = f"external/{tmp_path.name}/remote.tar.gz"
+    s3_client(s3_endpoint).upload_file(str(archive), S3_BUCKET, key)
+    with TestClient(create_app(settings.model_copy(update={"s3_endpoint_url": s3_endpoint}))) as s3_aware:
+        remote = s3_aware.post("/v1/datasets", data={"uri": f"s3://{S3_BUCKET}/{key}"})
+    assert remote.status_code == 201, remote.text
+    assert remote.json()["uri"] == f"s3://{S3_BUCKET}/{key}"
+    assert remote.json()["num_images"] == 4
+
+
+def test_upload_to_s3_store(s3_client_app: TestClient, s3_endpoint: str, tmp_path: Path) -> None:
+    archive = make_archive(make_dataset(tmp_path / "s3ds", n=3), tmp_path / "s3ds.zip")
+    response = upload(s3_client_app, archive)
+    assert response.status_code == 201, response.text
+    key = response.json()["uri"].removeprefix(f"s3://{S3_BUCKET}/")
+    assert s3_client(s3_endpoint).head_object(Bucket=S3_BUCKET, Key=key)["ContentLength"] == archive.stat().st_size
+
+
+def _missing_mask(folder: Path) -> None:
+    (folder / "masks" / "img01.png").unlink()
+
+
+def _size_mismatch(folder: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (10, 10)).save(folder / "masks" / "img01.png")
+
+
+def _no_masks_folder(folder: Path) -> None:
+    shutil.rmtree(folder / "masks")
+
+
+def _bad_splits(folder: Path) -> None:
+    (folder / "splits.json").write_text('{"train": ["ghost"], "val": [], "test": []}')
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_missing_mask, "have no mask"),
+        (_size_mismatch, "size mismatch"),
+        (_no_masks_folder, "images/ and masks/"),
+        (_bad_splits, "ghost"),
+    ],
+)
+def test_invalid_datasets_are_422_with_the_reason(client: TestClient, tmp_path: Path, damage, message: str) -> None:
+    folder = make_dataset(tmp_path / "broken", n=4)
+    damage(folder)
+    before = len(client.get("/v1/datasets", params={"limit": 1000}).json())
+    response = upload(client, make_archive(folder, tmp_path / "broken.zip"))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert message in error["msg"]
+    # Validation happens before the row: nothing was registered. The folder form fails the same way.
+    assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
+    in_place = client.post("/v1/datasets", data={"uri": folder.as_uri()})
+    assert in_place.status_code == 422 and message in in_place.json()["detail"][0]["msg"]
+
+
+def test_not_an_archive(client: TestClient, tmp_path: Path) -> None:
+    path = tmp_path / "data.zip"
+    path.write_bytes(b"just bytes")
+    response = upload(client, path)
+    assert response.status_code == 422
+    assert "not a zip or tar archive" in response.json()["detail"][0]["msg"]
+
+
+def test_unsafe_archive_members_are_refused(client: TestClient, tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("../escape.png", b"x")
+    response = upload(client, path)
+    assert response.status_code == 422
+    assert ".." in response.json()["detail"][0]["msg"]
+
+
+def test_missing_uri_and_unknown_id(client: TestClient, tmp_path: Path) -> None:
+    response = client.post("/v1/datasets", data={"uri": (tmp_path / "nothing").as_uri()})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "uri"]
+    assert client.get("/v1/datasets/feed").status_code == 404
+
+
+def test_oversize_archive_is_413(settings: Settings, tmp_path: Path) -> None:
+    archive = make_archive(make_dataset(tmp_path / "big", n=6, size=(128, 128)), tmp_path / "big.tar")
+    with TestClient(create_app(settings.model_copy(update={"max_upload_bytes": 4096}))) as client:
+        assert upload(client, archive).status_code == 413

@@ -1,0 +1,256 @@
+"""/v1/jobs: validation against TrainConfig, insert-commit-enqueue (a real broker holds the message), reads."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.db import crud
+from api.db.models import JobStatus
+from api.db.session import session_scope
+from api.main import create_app
+from api.schemas import SERVER_FIELDS, TrainSettings
+from api.settings import Settings
+from pel.train import TrainConfig
+from tests.factories import make_archive, make_checkpoint, make_dataset
+from tests.services import REDIS_URL, forget_redis_queue, redis_client
+
+
+@pytest.fixture
+def dataset_id(client: TestClient, tmp_path: Path) -> str:
+    folder = make_dataset(tmp_path / "ds", n=4)
+    response = client.post("/v1/datasets", data={"uri": folder.as_uri()})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def checkpoint_id(client: TestClient, tmp_path: Path) -> str:
+    path = make_checkpoint(tmp_path / "init.pt")
+    with open(path, "rb") as stream:
+        response = client.post("/v1/checkpoints", files={"file": ("init.pt", stream)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def queued_messages(settings: Settings) -> list[dict]:
+    """The run_job messages waiting in the filesystem broker's folder for this test's queue."""
+    folder = Path(settings.broker_transport_options()["data_folder_in"])
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"*.{settings.task_queue}.msg"))]
+
+
+def message_args(message: dict) -> list:
+    """The positional args of a Celery (protocol 2) message as kombu stores it."""
+    raw = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        raw = base64.b64decode(raw)
+    return json.loads(raw)[0]
+
+
+def test_the_config_schema_mirrors_train_config() -> None:
+    expected = {f.name for f in dataclasses.fields(TrainConfig)} - SERVER_FIELDS
+    assert set(TrainSettings.model_fields) == expected
+    defaults = TrainConfig().to_dict()
+    for name, value in TrainSettings().model_dump().items():
+        assert value == defaults[name], name
+
+
+def test_finetune_is_committed_then_enqueued(
+    client: TestClient, settings: Settings, dataset_id: str, checkpoint_id: str
+) -> None:
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "kind": "finetune",
+            "dataset_id": dataset_id,
+            "checkpoint_id": checkpoint_id,
+            "nprocs": 2,
+            "config": {"loss": "pel_ce", "steps": 30, "lr": 1e-4, "patch_size": 64},
+        },
+    )
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["kind"] == "finetune" and job["nprocs"] == 2
+    assert job["progress"] == 0.0 and job["step"] == 0 and job["error"] is None
+    # The stored config is the full TrainConfig the worker will run (defaults filled in), minus mode.
+    expected = TrainConfig(mode="finetune", loss="pel_ce", steps=30, lr=1e-4, patch_size=64).to_dict()
+    expected.pop("mode")
+    assert job["config"] == expected
+
+    (message,) = queued_messages(settings)
+    assert message["headers"]["task"] == "peltune.run_job"
+    assert message_args(message) == [job["id"]]
+
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+    assert job["id"] in {j["id"] for j in client.get("/v1/jobs").json()}
+    assert job["id"] in {j["id"] for j in client.get("/v1/jobs", params={"status": "queued"}).json()}
+    assert job["id"] not in {j["id"] for j in client.get("/v1/jobs", params={"status": "failed"}).json()}
+
+
+def test_baseline_needs_no_checkpoint(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": {}})
+    assert response.status_code == 201, response.text
+    assert response.json()["checkpoint_id"] is None
+    assert len(queued_messages(settings)) == 1
+
+
+BAD_CONFIGS = [
+    ({"bogus": 1}, "bogus", "extra_forbidden"),
+    ({"lr": 0}, "lr", "greater_than"),
+    ({"lr": "fast"}, "lr", "float_parsing"),
+    ({"n": -1.0}, "n", "greater_than"),
+    ({"steps": 0}, "steps", "greater_than_equal"),
+    ({"patch_size": 8}, "patch_size", "greater_than_equal"),
+    ({"loss": "focal"}, "loss", "literal_error"),
+    ({"fg_fraction": 1.5}, "fg_fraction", "less_than_equal"),
+    ({"val_images": 0}, "val_images", "greater_than_equal"),
+]
+
+
+@pytest.mark.parametrize(("config", "field", "kind"), BAD_CONFIGS)
+def test_bad_config_values_name_the_field(
+    client: TestClient, settings: Settings, dataset_id: str, config: dict, field: str, kind: str
+) -> None:
+    response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": config})
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert any(e["loc"][-1] == field and e["type"] == kind for e in errors), errors
+    assert queued_messages(settings) == []
+
+
+def test_mode_is_not_a_client_field(client: TestClient, dataset_id: str) -> None:
+    response = client.post(
+        "/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": {"mode": "finetune"}}
+    )
+    assert response.status_code == 422
+    assert "kind" in response.json()["detail"][0]["msg"]
+
+
+def test_invalid_model_architecture_is_422(client: TestClient, dataset_id: str) -> None:
+    response = client.post(
+        "/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": {"model": {"depth": 99}}}
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "config"] and "depth" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "text"),
+    [
+        ({"kind": "finetune"}, ["body", "checkpoint_id"], "needs an init checkpoint"),
+        ({"kind": "finetune", "checkpoint_id": "c0ffee"}, ["body", "checkpoint_id"], "'c0ffee' not found"),
+        ({"kind": "baseline", "checkpoint_id": "c0ffee"}, ["body", "checkpoint_id"], "omit checkpoint_id"),
+        ({"kind": "baseline", "dataset_id": "d00d"}, ["body", "dataset_id"], "'d00d' not found"),
+        ({"kind": "baseline", "nprocs": 0}, ["body", "nprocs"], "greater than or equal to 1"),
+        ({"kind": "sideways"}, ["body", "kind"], "baseline"),
+        ({"kind": "baseline", "colour": "red"}, ["body", "colour"], "Extra inputs"),
+    ],
+)
+def test_bad_job_requests(client: TestClient, settings: Settings, dataset_id: str, body: dict, loc, text) -> None:
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, **body})
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"] == loc and text in e["msg"] for e in errors), errors
+    assert queued_messages(settings) == []
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    for path in ("/v1/jobs/abc", "/v1/jobs/abc/metrics", "/v1/jobs/abc/checkpoint"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.json()["detail"] == "job 'abc' not found"
+
+
+def test_metrics_and_checkpoint_follow_the_job(
+    client: TestClient, settings: Settings, dataset_id: str, checkpoint_id: str, tmp_path: Path
+) -> None:
+    job = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()
+    assert client.get(f"/v1/jobs/{job['id']}/metrics").json() == {"job_id": job["id"], "points": []}
+    conflict = client.get(f"/v1/jobs/{job['id']}/checkpoint")
+    assert conflict.status_code == 409 and "queued" in conflict.json()["detail"]
+
+    # What the worker does, through the same data functions it uses.
+    output = client.get(f"/v1/checkpoints/{checkpoint_id}").json()
+    with session_scope(settings.database_url) as session:
+        assert crud.claim_job(session, job_id=job["id"])
+        assert not crud.claim_job(session, job_id=job["id"])  # a second delivery cannot claim it again
+        crud.add_metric_points(
+            session,
+            job_id=job["id"],
+            points=[
+                {"step": 1, "total_steps": 4, "loss": 1.0, "pel_norm": 0.5},
+                {"step": 4, "total_steps": 4, "loss": 0.5, "pel_norm": 0.25, "val_dice": 0.8},
+            ],
+        )
+        crud.record_progress(session, job_id=job["id"], step=4, total_steps=4)
+    running = client.get(f"/v1/jobs/{job['id']}").json()
+    assert running["status"] == "running" and running["progress"] == 1.0 and running["total_steps"] == 4
+    assert client.get(f"/v1/jobs/{job['id']}/checkpoint").status_code == 409
+
+    with session_scope(settings.database_url) as session:
+        assert crud.finish_job(
+            session,
+            job_id=job["id"],
+            status=JobStatus.succeeded,
+            summary={"best_step": 4},
+            output_checkpoint_id=output["id"],
+        )
+    points = client.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
+    assert [p["step"] for p in points] == [1, 4]
+    assert points[1] == {"step": 4, "total_steps": 4, "loss": 0.5, "pel_norm": 0.25, "val_dice": 0.8}
+    assert client.get(f"/v1/jobs/{job['id']}/metrics", params={"after_step": 1}).json()["points"] == points[1:]
+
+    done = client.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["summary"] == {"best_step": 4}
+    assert done["output_checkpoint_id"] == output["id"] and done["finished_at"] is not None
+    download = client.get(f"/v1/jobs/{job['id']}/checkpoint")
+    assert download.status_code == 200
+    assert download.content == (tmp_path / "init.pt").read_bytes()
+
+
+def test_unreachable_broker_fails_the_job_with_503(settings: Settings, dataset_id: str) -> None:
+    dead = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(dead)) as client:
+        response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id})
+        assert response.status_code == 503
+        assert "not queued" in response.json()["detail"]
+        job_id = response.json()["detail"].split()[1]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and "could not reach the job queue" in job["error"]
+
+
+def test_job_message_lands_in_a_real_redis_queue(settings: Settings, dataset_id: str) -> None:
+    redis = redis_client()
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    with TestClient(create_app(settings.model_copy(update={"broker_url": REDIS_URL, "task_queue": queue}))) as client:
+        try:
+            response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id})
+            assert response.status_code == 201, response.text
+            assert redis.llen(queue) == 1
+            message = json.loads(redis.lindex(queue, 0))
+            assert message["headers"]["task"] == "peltune.run_job"
+            assert message_args(message) == [response.json()["id"]]
+        finally:
+            forget_redis_queue(redis, queue)
+
+
+def test_dataset_archive_then_job(client: TestClient, tmp_path: Path) -> None:
+    archive = make_archive(make_dataset(tmp_path / "zipped", n=4), tmp_path / "zipped.zip")
+    with open(archive, "rb") as stream:
+        dataset = client.post("/v1/datasets", files={"file": ("zipped.zip", stream)}).json()
+    response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset["id"], "nprocs": 2})
+    assert response.status_code == 201
+
+
+def test_broker_errors_never_show_passwords() -> None:
+    from api.queue import _redact
+
+    assert _redact("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
+    assert _redact("filesystem://") == "filesystem://"

@@ -1,0 +1,390 @@
+"""Datasets: the real BBBC039 folder, image formats and normalisation, targets, errors and archive safety."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pel.data import (
+    DatasetError,
+    extract_archive,
+    load_split,
+    make_target,
+    normalise_image,
+    num_classes_for,
+    open_dataset,
+)
+from tests.pel.factories import blobs_mask, synthetic_dataset, write_png, write_tiff
+
+# ---------------------------------------------------------------------------------------------------- real data
+
+
+def test_real_bbbc039_index(bbbc039_root: Path) -> None:
+    index = open_dataset(bbbc039_root)
+    expected = json.loads((bbbc039_root / "splits.json").read_text())
+    assert len(index.ids) == 200
+    assert {k: len(v) for k, v in index.splits.items()} == {"train": 100, "val": 50, "test": 50}
+    assert index.splits == {k: expected[k] for k in ("train", "val", "test")}  # the "note" key is ignored
+    assert index.channels == 1
+    assert all(index.image_paths[i].is_file() and index.mask_paths[i].is_file() for i in index.ids)
+
+
+def test_real_bbbc039_samples(bbbc039_root: Path) -> None:
+    index = open_dataset(bbbc039_root)
+    ids = index.splits["test"][:2]
+    samples = load_split(dataclasses.replace(index, splits={"test": ids}), "test")
+    assert [s.id for s in samples] == ids
+    for sample in samples:
+        raw_image = np.asarray(Image.open(index.image_paths[sample.id]))
+        raw_labels = np.asarray(Image.open(index.mask_paths[sample.id]))
+        assert raw_image.dtype == np.uint16  # genuinely 16-bit input
+        assert sample.image.shape == (1, 520, 696) and sample.image.dtype == np.float32
+        assert sample.image.min() == 0.0 and sample.image.max() == 1.0
+        # Percentile scaling: about 1% of the pixels clip at 0 and 0.2% at 1 (ties can add a little).
+        assert 0.009 <= (sample.image == 0).mean() <= 0.05
+        assert 0.0015 <= (sample.image == 1).mean() <= 0.01
+        # Scaling is monotone: brighter raw pixels never become darker.
+        order = np.argsort(raw_image.ravel(), kind="stable")
+        assert np.all(np.diff(sample.image.ravel()[order]) >= 0)
+        assert sample.mask.dtype == np.int64 and sample.mask.shape == (520, 696)
+        np.testing.assert_array_equal(sample.mask, (raw_labels > 0).astype(np.int64))
+        assert 0.05 < sample.mask.mean() < 0.5
+
+
+def test_real_boundary_target(bbbc039_root: Path) -> None:
+    index = open_dataset(bbbc039_root)
+    sample_id = index.splits["train"][0]
+    labels = np.asarray(Image.open(index.mask_paths[sample_id])).astype(np.int64)
+    target = load_split(dataclasses.replace(index, splits={"train": [sample_id]}), "train", "boundary")[0].mask
+    assert set(np.unique(target)) == {0, 1, 2}
+    np.testing.assert_array_equal(target > 0, labels > 0)
+    # Interior pixels have all four neighbours in their own instance; each instance has a rim.
+    ys, xs = np.nonzero((target == 1)[1:-1, 1:-1])
+    ys, xs = ys + 1, xs + 1
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        assert np.all(labels[ys + dy, xs + dx] == labels[ys, xs])
+    rim_labels = set(np.unique(labels[target == 2]))
+    assert rim_labels == set(np.unique(labels[labels > 0]))
+
+
+# -------------------------------------------------------------------------------------------- targets, scaling
+
+
+def test_boundary_separates_touching_instances() -> None:
+    labels = np.zeros((7, 10), dtype=np.int64)
+    labels[1:6, 1:5] = 1
+    labels[1:6, 5:9] = 2  # touches instance 1 along a column
+    target = make_target(labels, "boundary")
+    assert np.all(target[1:6, 4] == 2) and np.all(target[1:6, 5] == 2)  # both sides of the contact
+    assert np.all(target[2:5, 2:4] == 1) and np.all(target[2:5, 6:8] == 1)
+    assert target[0, 0] == 0
+    np.testing.assert_array_equal(make_target(labels, "binary"), (labels > 0).astype(np.int64))
+
+
+def test_instance_cut_by_the_border_gets_no_rim_along_the_border() -> None:
+    labels = np.zeros((6, 6), dtype=np.int64)
+    labels[0:3, 0:3] = 4
+    target = make_target(labels, "boundary")
+    assert target[0, 0] == 1 and target[1, 1] == 1
+    assert target[2, 0] == 2 and target[0, 2] == 2
+
+
+def test_normalisation_maps_percentiles_to_unit_range() -> None:
+    image = np.arange(1000, dtype=np.uint16).reshape(1, 25, 40)
+    out = normalise_image(image)
+    # numpy's linear percentiles of 0..999: 1st = 9.99, 99.8th = 997.002.
+    assert out.dtype == np.float32
+    assert out.ravel()[500] == pytest.approx((500 - 9.99) / (997.002 - 9.99), rel=1e-5)
+    assert out.ravel()[5] == 0.0 and out.ravel()[999] == 1.0
+    assert np.all(normalise_image(np.full((1, 4, 4), 7, np.uint8)) == 0)  # flat image, no division by zero
+
+
+def test_num_classes_for() -> None:
+    assert num_classes_for("binary") == 2
+    assert num_classes_for("boundary") == 3
+    with pytest.raises(ValueError, match="unknown target 'instances'"):
+        num_classes_for("instances")
+
+
+# ------------------------------------------------------------------------------------------------- file formats
+
+
+def test_png_and_tiff_formats(tmp_path: Path) -> None:
+    labels = blobs_mask((20, 30), [(10, 10)], 4)
+    grey16 = (labels > 0).astype(np.uint16) * 4000 + 100
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200  # red only: channel order must survive
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=-1)
+    write_png(tmp_path / "grey16/images/a.png", grey16)
+    write_png(tmp_path / "grey8/images/a.png", (grey16 // 20).astype(np.uint8))
+    write_png(tmp_path / "rgb/images/a.png", rgb)
+    write_png(tmp_path / "rgba/images/a.png", rgba, mode="RGBA")
+    write_tiff(tmp_path / "tif16/images/a.tif", grey16)
+    write_tiff(tmp_path / "tifrgb/images/a.tiff", rgb)
+    for name in ("grey16", "grey8", "rgb", "rgba"):
+        write_png(tmp_path / name / "masks/a.png", labels)
+    write_tiff(tmp_path / "tif16/masks/a.tif", labels)
+    write_tiff(tmp_path / "tifrgb/masks/a.tiff", labels.astype(np.int32))
+
+    expected_channels = {"grey16": 1, "grey8": 1, "rgb": 3, "rgba": 3, "tif16": 1, "tifrgb": 3}
+    for name, channels in expected_channels.items():
+        root = tmp_path / name
+        (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
+        index = open_dataset(root)
+        assert index.channels == channels, name
+        (sample,) = load_split(index, "train")
+        assert sample.image.shape == (channels, 20, 30), name
+        assert sample.image.dtype == np.float32
+        np.testing.assert_array_equal(sample.mask, (labels > 0).astype(np.int64))
+        if channels == 1:
+            assert sample.image[0, 10, 10] == 1.0 and sample.image[0, 0, 0] == 0.0, name
+        else:
+            assert np.all(sample.image[0] == 1.0) and np.all(sample.image[1:] == 0.0), name
+
+
+def test_default_split_is_deterministic_70_15_15(tmp_path: Path) -> None:
+    ids = [f"img{i:02d}" for i in range(20)]
+    root = synthetic_dataset(tmp_path, ids, shape=(8, 8))
+    first, second = open_dataset(root), open_dataset(root)
+    assert first.splits == second.splits
+    assert [len(first.splits[s]) for s in ("train", "val", "test")] == [14, 3, 3]
+    assert sorted(sum(first.splits.values(), [])) == ids
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+def _pair(root: Path, name: str, shape: tuple[int, int] = (8, 8), mask_shape: tuple[int, int] | None = None) -> None:
+    write_png(root / "images" / f"{name}.png", np.full(shape, 100, np.uint8))
+    write_png(root / "masks" / f"{name}.png", np.zeros(mask_shape or shape, np.uint8))
+
+
+def test_missing_folders(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        open_dataset(tmp_path / "nowhere")
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DatasetError, match=r"has no images/ folder"):
+        open_dataset(tmp_path)
+    (tmp_path / "masks").rmdir()
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=r"has no masks/ folder"):
+        open_dataset(tmp_path)
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"\0")  # hidden files are ignored, not counted
+    with pytest.raises(DatasetError, match="empty dataset: no PNG or TIFF images in"):
+        open_dataset(tmp_path)
+
+
+def test_images_without_masks_are_named(tmp_path: Path) -> None:
+    _pair(tmp_path, "ok")
+    write_png(tmp_path / "images" / "lonely1.png", np.zeros((8, 8), np.uint8))
+    write_tiff(tmp_path / "images" / "lonely2.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"2 image\(s\) .* have no mask .*: lonely1\.png, lonely2\.tif"):
+        open_dataset(tmp_path)
+
+
+def test_masks_without_images_are_named(tmp_path: Path) -> None:
+    _pair(tmp_path, "ok")
+    write_png(tmp_path / "masks" / "orphan.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"1 mask\(s\) .* have no image .*: orphan\.png"):
+        open_dataset(tmp_path)
+
+
+def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
+    _pair(tmp_path, "a")
+    _pair(tmp_path, "b", shape=(8, 8), mask_shape=(8, 9))
+    with pytest.raises(DatasetError, match=r"size mismatch for 'b': .*images/b\.png is 8×8 but .*masks/b\.png is 8×9"):
+        open_dataset(tmp_path)
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    _pair(tmp_path, "a")
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png at all")
+    write_png(tmp_path / "masks" / "broken.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"unreadable file .*images/broken\.png"):
+        open_dataset(tmp_path)
+
+
+def test_truncated_pixel_data_is_named_at_load(tmp_path: Path) -> None:
+    _pair(tmp_path, "a", shape=(64, 64))
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "PNG")
+    (tmp_path / "images" / "a.png").write_bytes(buffer.getvalue()[:200])  # header intact, pixels cut
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
+    index = open_dataset(tmp_path)
+    with pytest.raises(DatasetError, match=r"unreadable file .*images/a\.png"):
+        load_split(index, "train")
+
+
+def test_unsupported_file_type_is_named(tmp_path: Path) -> None:
+    _pair(tmp_path, "a")
+    (tmp_path / "images" / "notes.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match=r"unsupported file type .*: notes\.jpg"):
+        open_dataset(tmp_path)
+
+
+def test_mixed_channel_counts(tmp_path: Path) -> None:
+    _pair(tmp_path, "grey")
+    write_png(tmp_path / "images" / "colour.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "masks" / "colour.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"different channel counts \(1 channel\(s\): grey\.png; 3 .*colour\.png"):
+        open_dataset(tmp_path)
+
+
+def test_bad_mask_values(tmp_path: Path) -> None:
+    write_png(tmp_path / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    write_tiff(tmp_path / "masks" / "a.tif", np.full((8, 8), -1, np.int16))
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
+    with pytest.raises(DatasetError, match=r"mask .*a\.tif holds negative labels"):
+        load_split(open_dataset(tmp_path), "train")
+    write_tiff(tmp_path / "masks" / "a.tif", np.full((8, 8), 0.5, np.float32))
+    with pytest.raises(DatasetError, match=r"mask .*a\.tif holds non-integer values"):
+        load_split(open_dataset(tmp_path), "train")
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        ('{"train": ["a", "ghost1"], "val": ["ghost2"], "test": []}', r'"train" names 1 id\(s\) .*: ghost1'),
+        ('{"train": ["a"], "val": [], "test": ["zzz"]}', r'"test" names 1 id\(s\) with no image/mask pair: zzz'),
+        ('{"train": ["a"', "is not valid JSON"),
+        ('["a"]', "must be an object"),
+        ('{"train": ["a"], "val": []}', '"test" must be a list of image ids'),
+        ('{"train": ["a"], "val": ["a"], "test": []}', 'id \'a\' is listed in both "train" and "val"'),
+    ],
+)
+def test_bad_splits_json(tmp_path: Path, splits: str, message: str) -> None:
+    _pair(tmp_path, "a")
+    (tmp_path / "splits.json").write_text(splits)
+    with pytest.raises(DatasetError, match=message) as info:
+        open_dataset(tmp_path)
+    assert "splits.json" in str(info.value)
+
+
+def test_unknown_split_and_target(tmp_path: Path) -> None:
+    index = open_dataset(synthetic_dataset(tmp_path, ["a", "b", "c"], shape=(8, 8)))
+    with pytest.raises(DatasetError, match="unknown split 'holdout'"):
+        load_split(index, "holdout")
+    with pytest.raises(ValueError, match="unknown target"):
+        load_split(index, "train", target="semantic")
+
+
+# ----------------------------------------------------------------------------------------------------- archives
+
+
+def _dataset_files(tmp_path: Path) -> dict[str, bytes]:
+    root = synthetic_dataset(tmp_path / "src", ["a", "b", "c"], shape=(8, 8))
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def _zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _tar(path: Path, files: dict[str, bytes], mode: str = "w:gz", extra: list[tarfile.TarInfo] | None = None) -> Path:
+    with tarfile.open(path, mode) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tf.addfile(info)
+    return path
+
+
+def test_extract_zip_with_nested_folder(tmp_path: Path) -> None:
+    files = {f"mydata/{k}": v for k, v in _dataset_files(tmp_path).items()}
+    files["__MACOSX/mydata/._a.png"] = b"resource fork"
+    root = extract_archive(_zip(tmp_path / "ds.zip", files), tmp_path / "out")
+    assert root == tmp_path / "out" / "mydata"
+    assert open_dataset(root).ids == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_extract_flat_tar(tmp_path: Path, mode: str) -> None:
+    root = extract_archive(_tar(tmp_path / "ds.tar", _dataset_files(tmp_path), mode), tmp_path / "out")
+    assert root == tmp_path / "out"
+    assert len(open_dataset(root).ids) == 3
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "message"),
+    [
+        ("/etc/evil.png", None, "has an absolute path"),
+        ("images/../../evil.png", None, r"contains '\.\.'"),
+        (None, _link("images/x.png", "/etc/passwd", tarfile.SYMTYPE), "is a symbolic link"),
+        (None, _link("images/y.png", "masks/a.png", tarfile.LNKTYPE), "is a hard link"),
+    ],
+)
+def test_unsafe_tar_members_are_rejected_before_extraction(
+    tmp_path: Path, name: str | None, extra: tarfile.TarInfo | None, message: str
+) -> None:
+    files = _dataset_files(tmp_path)
+    if name:
+        files[name] = b"x"
+    archive = _tar(tmp_path / "ds.tar.gz", files, extra=[extra] if extra else None)
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match=message) as info:
+        extract_archive(archive, out)
+    assert "ds.tar.gz" in str(info.value)
+    assert list(out.rglob("*")) == []  # nothing written, not even the safe members
+    assert not (tmp_path / "evil.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("/abs/images/a.png", "has an absolute path"), ("../escape.png", r"contains '\.\.'"), ("C:/x.png", "absolute")],
+)
+def test_unsafe_zip_names_are_rejected(tmp_path: Path, name: str, message: str) -> None:
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("images/a.png", b"x")
+        zf.writestr(zipfile.ZipInfo(name), b"x")  # ZipInfo keeps the name as given
+    with pytest.raises(DatasetError, match=message):
+        extract_archive(archive, tmp_path / "out")
+    assert list((tmp_path / "out").rglob("*")) == []
+
+
+def test_zip_symlink_is_rejected(tmp_path: Path) -> None:
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        link = zipfile.ZipInfo("images/a.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(DatasetError, match=r"'images/a\.png' is a symbolic link"):
+        extract_archive(archive, tmp_path / "out")
+
+
+def test_archive_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.zip").write_bytes(b"definitely not an archive")
+    with pytest.raises(DatasetError, match="is not a zip or tar archive"):
+        extract_archive(tmp_path / "junk.zip", tmp_path / "out1")
+    with pytest.raises(DatasetError, match="no folder in the archive holds both images/ and masks/"):
+        extract_archive(_zip(tmp_path / "a.zip", {"photos/a.png": b"x"}), tmp_path / "out2")
+    files = _dataset_files(tmp_path)
+    two = {f"{top}/{k}": v for top in ("one", "two") for k, v in files.items()}
+    with pytest.raises(DatasetError, match=r"several folders hold images/ and masks/ \(one, two\)"):
+        extract_archive(_zip(tmp_path / "b.zip", two), tmp_path / "out3")

@@ -1,0 +1,257 @@
+"""Training end to end on real BBBC039 images: single process, a fine-tune, 2 gloo ranks under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pel.checkpoint import load_checkpoint
+from pel.data import load_split, open_dataset
+from pel.inference import sliding_window_predict
+from pel.metrics import SegmentationMetrics
+from pel.train import MIN_EVAL_PATCH, TrainConfig, train
+from tests.conftest import REPO_ROOT
+from tests.pel.factories import real_subset
+from worker import train_entry
+
+TINY = {"patch_size": 64, "batch_size": 4, "model": {"width": 4, "depth": 2}}
+# A high learning rate makes the tiny model predict some foreground within a handful of steps, so comparisons
+# of test metrics involve both classes.
+FAST_LR = 3e-2
+SUMMARY_KEYS = {"test_before", "test_after", "best_step", "best_val_dice", "steps", "num_classes"}
+METRIC_KEYS = {"dice", "iou", "mean_image_dice", "mean_image_iou", "num_images"}
+
+
+@pytest.fixture(scope="module")
+def real_dataset(bbbc039_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real BBBC039 pairs: 4 train, 2 val, 2 test."""
+    root, _ = real_subset(bbbc039_root, tmp_path_factory.mktemp("bbbc039-small"), {"train": 4, "val": 2, "test": 2})
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline_run(real_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("baseline")
+    config = TrainConfig(mode="baseline", loss="dice_ce", steps=4, val_every=2, lr=FAST_LR, **TINY)
+    summary = train(config, dataset_dir=real_dataset, out_dir=out)
+    assert summary is not None
+    return out, summary
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_same_metrics(actual: dict[str, Any], expected: dict[str, Any], tol: float = 1e-9) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=tol), key
+
+
+def _test_metrics(model_path: Path, dataset: Path, patch: int) -> dict[str, Any]:
+    """Stitched whole-image metrics of a saved model on the test split, computed here independently."""
+    model, _ = load_checkpoint(model_path)
+    metrics = SegmentationMetrics(2)
+    for sample in load_split(open_dataset(dataset), "test"):
+        probs = sliding_window_predict(model, torch.from_numpy(sample.image), patch=max(patch, MIN_EVAL_PATCH))
+        metrics.update(probs.argmax(0), sample.mask)
+    return metrics.compute()
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def test_config_round_trip_and_defaults() -> None:
+    config = TrainConfig(mode="baseline", loss="ce", val_images=3, model={"width": 8})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert TrainConfig.from_dict(data) == config
+    assert data["model"] == {"in_channels": 1, "out_channels": 2, "width": 8, "depth": 3, "norm": "batch"}
+    defaults = TrainConfig()
+    assert (defaults.mode, defaults.loss, defaults.alpha, defaults.n, defaults.lr) == (
+        "finetune",
+        "pel_ce",
+        20.0,
+        3.0,
+        1e-4,
+    )
+    assert (defaults.patch_size, defaults.batch_size, defaults.steps, defaults.val_every) == (128, 8, 200, 50)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stpes": 10, "learning_rate": 1}, "unknown TrainConfig keys: learning_rate, stpes"),
+        ({"loss": "pel"}, "loss must be one of pel_ce, dice_ce, ce"),
+        ({"mode": "resume"}, "mode must be one of baseline, finetune"),
+        ({"target": "instances"}, "target must be one of binary, boundary"),
+        ({"steps": 0}, r"steps must be an integer >= 1"),
+        ({"batch_size": 2.5}, r"batch_size must be an integer >= 1"),
+        ({"lr": 0}, r"lr must be a number in \(0"),
+        ({"fg_fraction": 1.5}, r"fg_fraction must be a number in \[0.0, 1.0\]"),
+        ({"eval_overlap": 1.0}, r"eval_overlap must be a number in \[0.0, 1.0\)"),
+        ({"val_images": 0}, r"val_images must be an integer >= 1"),
+        ({"model": {"width": 8, "layers": 3}}, "TrainConfig.model: unknown UNetConfig keys: layers"),
+    ],
+)
+def test_config_rejects_bad_values(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------- single process
+
+
+def test_baseline_writes_documented_outputs(real_dataset: Path, baseline_run: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = baseline_run
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.pt", "summary.json"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["test_before"] is None
+    assert set(summary["test_after"]) == METRIC_KEYS and summary["test_after"]["num_images"] == 2
+    assert (summary["steps"], summary["num_classes"]) == (4, 2)
+
+    lines = _lines(out / "metrics.jsonl")
+    assert [p["step"] for p in lines] == [1, 2, 4]
+    for point in lines:
+        assert {"step", "total_steps", "loss", "ce", "lr", "dice"} <= set(point)
+        assert "pel" not in point and point["total_steps"] == 4 and point["lr"] == FAST_LR
+    val = {p["step"]: p["val_dice"] for p in lines if "val_dice" in p}
+    assert list(val) == [2, 4]
+    assert summary["best_step"] in val and summary["best_val_dice"] == max(val.values())
+
+    model, meta = load_checkpoint(out / "model.pt")
+    assert model.config.width == 4 and model.config.out_channels == 2
+    assert meta["best_step"] == summary["best_step"] and meta["mode"] == "baseline"
+    # model.pt holds the weights the summary was computed with.
+    _assert_same_metrics(_test_metrics(out / "model.pt", real_dataset, 64), summary["test_after"])
+
+
+def test_finetune_from_baseline(real_dataset: Path, baseline_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    base_out, base_summary = baseline_run
+    config = TrainConfig(mode="finetune", loss="pel_ce", steps=3, val_every=5, lr=1e-4, patch_size=64, batch_size=4)
+    summary = train(config, dataset_dir=real_dataset, out_dir=tmp_path, init_checkpoint=base_out / "model.pt")
+    assert summary is not None
+    # The initial model is the baseline's best model, so its test scores are the baseline's.
+    _assert_same_metrics(summary["test_before"], base_summary["test_after"])
+    assert set(summary["test_after"]) == METRIC_KEYS
+    lines = _lines(tmp_path / "metrics.jsonl")
+    assert [p["step"] for p in lines] == [1, 3]
+    for point in lines:
+        assert {"loss", "ce", "pel", "pel_norm"} <= set(point) and "dice" not in point
+        # Raw PEL lies in [1 - alpha/2, 1] and L_norm in [0, 1]; the loss may be negative.
+        assert -9.0 <= point["pel"] <= 1.0 and 0.0 <= point["pel_norm"] <= 1.0
+        assert point["pel"] == pytest.approx(-9.0 + 10.0 * point["pel_norm"], abs=1e-4)
+    assert summary["best_step"] == 3  # val_every > steps: the final step is validated
+    model, _ = load_checkpoint(tmp_path / "model.pt")
+    assert model.config == load_checkpoint(base_out / "model.pt")[0].config  # architecture from the checkpoint
+
+
+def test_ce_only_logs_no_region_term(real_dataset: Path, tmp_path: Path) -> None:
+    config = TrainConfig(mode="baseline", loss="ce", steps=1, val_images=1, **TINY)
+    train(config, dataset_dir=real_dataset, out_dir=tmp_path)
+    (point,) = _lines(tmp_path / "metrics.jsonl")
+    assert set(point) == {"step", "total_steps", "loss", "ce", "lr", "val_dice"}
+    assert point["loss"] == pytest.approx(point["ce"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"config": TrainConfig(mode="finetune", steps=1)}, "ValueError: a fine-tune needs an init checkpoint"),
+        (
+            {"config": TrainConfig(mode="baseline", steps=1), "dataset_dir": Path("/nonexistent/dataset")},
+            "DatasetError: dataset folder not found: /nonexistent/dataset",
+        ),
+    ],
+)
+def test_failure_writes_error_file_and_raises(
+    real_dataset: Path, tmp_path: Path, kwargs: dict[str, Any], expected: str
+) -> None:
+    kwargs = {"dataset_dir": real_dataset, **kwargs}
+    with pytest.raises(ValueError):
+        train(kwargs.pop("config"), out_dir=tmp_path, **kwargs)
+    assert (tmp_path / "error-rank0.txt").read_text().strip() == expected
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_target(
+    baseline_run: tuple[Path, dict[str, Any]], real_dataset: Path, tmp_path: Path
+) -> None:
+    config = TrainConfig(mode="finetune", target="boundary", steps=1)
+    with pytest.raises(ValueError, match="predicts 2 classes but target 'boundary' needs 3"):
+        train(config, dataset_dir=real_dataset, out_dir=tmp_path, init_checkpoint=baseline_run[0] / "model.pt")
+
+
+def test_baseline_learns_better_than_chance(real_dataset: Path, tmp_path: Path) -> None:
+    model = {"width": 8, "depth": 2}
+    config = TrainConfig(mode="baseline", loss="dice_ce", steps=30, lr=3e-3, patch_size=64, batch_size=8, model=model)
+    summary = train(config, dataset_dir=real_dataset, out_dir=tmp_path)
+    assert summary is not None
+    # Predicting foreground everywhere scores 2f / (1 + f) for a foreground fraction f (about 0.3 here).
+    val = load_split(open_dataset(real_dataset), "val")
+    f = np.mean([s.mask.mean() for s in val])
+    trivial = 2 * f / (1 + f)
+    assert summary["best_val_dice"] > trivial + 0.4
+    assert summary["test_after"]["dice"][1] > trivial + 0.4
+
+
+# ----------------------------------------------------------------------------------------------------- torchrun
+
+
+def _torchrun(config: dict[str, Any], dataset: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    cfg = out.parent / f"{out.name}-cfg.json"
+    cfg.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "worker.train_entry", "--config", str(cfg), "--dataset", str(dataset), "--out", str(out)]
+    env = {**os.environ, "PELTUNE_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_gloo_ranks_under_torchrun(real_dataset: Path, tmp_path: Path) -> None:
+    config = TrainConfig(mode="baseline", loss="dice_ce", steps=6, val_every=3, lr=FAST_LR, **TINY).to_dict()
+    out = tmp_path / "out"
+    result = _torchrun(config, real_dataset, out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.pt", "summary.json"]
+
+    lines = _lines(out / "metrics.jsonl")
+    assert [p["step"] for p in lines] == [1, 3, 6]  # rank 0 alone writes: each step once
+    assert [p["step"] for p in lines if "val_dice" in p] == [3, 6]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_after"]["num_images"] == 2
+    assert 0 < summary["test_after"]["dice"][1] < 1  # both classes predicted, so the comparison below has teeth
+    # Rank 1 evaluated one of the two test images with its own copy of the weights. The summary matches this
+    # process's evaluation of rank 0's model.pt only if the two ranks' DDP weights are identical.
+    _assert_same_metrics(_test_metrics(out / "model.pt", real_dataset, 64), summary["test_after"])
+
+
+def test_entry_failure_writes_error_file_and_exits_non_zero(
+    real_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("PELTUNE_THREADS", str(torch.get_num_threads()))  # leave the test process's threads as set
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"mode": "baseline", "steps": 2, "colour": "blue"}))
+    out = tmp_path / "out"
+    assert train_entry.main(["--config", str(cfg), "--dataset", str(real_dataset), "--out", str(out)]) == 1
+    assert (out / "error-rank1.txt").read_text().strip() == "ValueError: unknown TrainConfig keys: colour"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({"PELTUNE_THREADS": "3"}, 3), ({"LOCAL_WORLD_SIZE": "1"}, None), ({"LOCAL_WORLD_SIZE": "1000"}, 1)],
+)
+def test_entry_thread_count(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: int | None) -> None:
+    monkeypatch.delenv("PELTUNE_THREADS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cpus = len(os.sched_getaffinity(0))
+    assert train_entry.thread_count() == (cpus if expected is None else expected)

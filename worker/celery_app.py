@@ -1,0 +1,70 @@
+"""The Celery application that executes PEL Tune jobs.
+
+Start a worker (from the repository root, with the same PELTUNE_* environment as the API)::
+
+    celery -A worker.celery_app:app worker --pool solo --concurrency 1 --without-gossip --without-mingle -l INFO
+
+It consumes the queue named by ``PELTUNE_TASK_QUEUE`` (default ``peltune``; ``-Q`` is not needed). Why these
+options:
+
+- ``--pool solo``: the task only supervises a training subprocess (torchrun and its ranks), so a worker runs one
+  job at a time by design and scales out as more worker processes (one per GPU host). Solo runs the task in the
+  worker's main process: no daemonic prefork child (which may not start children of its own), no engine
+  inherited across fork, and the parent-death signal of the training group follows the process that supervises it.
+- ``task_acks_late`` + ``worker_prefetch_multiplier=1``: a message is acknowledged only when its job finished, and
+  a busy worker holds no second message that another idle worker could run.
+- ``visibility_timeout`` (Redis) = longest job + 1 h: Redis redelivers unacknowledged messages after it; a shorter
+  one would start a long job twice. ``peltune.run_job`` is idempotent regardless: it claims the job row first.
+- ``--without-gossip --without-mingle``: no broadcast chatter; workers share nothing but the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init, worker_ready
+
+from api.db.session import dispose_engines
+from api.queue import celery_config
+from api.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+
+app = Celery("peltune", include=["worker.tasks"])
+app.conf.update(
+    celery_config(settings),
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    # A task whose worker died is not requeued by Celery: the job row already says "running", and the stale-job
+    # reaper fails it (its ranks may still be alive elsewhere, so re-running it blindly would be wrong).
+    task_reject_on_worker_lost=False,
+    # A broker hiccup must not kill an hour-long training run; a redelivered message is harmless (claim).
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    worker_hijack_root_logger=False,
+)
+
+
+@worker_init.connect
+def _broker_folders(**_: Any) -> None:
+    # Before the consumer starts: the filesystem transport lists its queue folder on every poll.
+    get_settings().ensure_broker_folders()
+
+
+@worker_process_init.connect
+def _fresh_database_connections(**_: Any) -> None:
+    # A pool child inherits the parent's engine and its open sockets; sharing them corrupts both sides.
+    dispose_engines()
+
+
+@worker_ready.connect
+def _reap_stale_jobs(**_: Any) -> None:
+    from worker.tasks import reap_stale_jobs
+
+    try:
+        reap_stale_jobs(get_settings())
+    except Exception:  # the database may not be migrated yet; the next job start tries again
+        log.exception("could not check for stale running jobs")
