@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pel-tune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="group", required=True)
-    sub.add_parser("demo", help="run a real fine-tuning job through the whole service on the embedded default")
+    demo = sub.add_parser("demo", help="run a real fine-tuning job through the whole service on the embedded default")
+    demo.add_argument("--control", action="store_true", help="also run a Dice+CE fine-tune with the same settings")
     sub.add_parser("migrate", help="alembic upgrade head on PELTUNE_DATABASE_URL")
     api = sub.add_parser("api", help="serve the REST API (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         case "demo":
             from api.demo import main as demo_main
 
-            return demo_main()
+            return demo_main(control=args.control)
         case "migrate":
             return _exec(migrate_command())
         case "api":
