@@ -10,6 +10,7 @@ stream in chunks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -262,3 +263,14 @@ def normalise_uri(uri: str) -> str:
     if uri.startswith("file:"):
         return Path(os.path.normpath(file_uri_path(uri))).as_uri()
     return uri
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, read in chunks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()

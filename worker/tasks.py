@@ -15,7 +15,6 @@ is killed and the job is left succeeded or failed, never running.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from api.db.models import JobKind, JobStatus, new_id
 from api.db.session import get_sessionmaker, session_scope
 from api.queue import RUN_JOB_TASK
 from api.settings import Settings, get_settings
-from api.storage import StorageError, file_uri_path, get_store, localize
+from api.storage import StorageError, file_digest, file_uri_path, get_store, localize
 from pel.data import DatasetError, extract_archive
 from pel.train import TrainConfig
 from worker.celery_app import app
@@ -357,20 +356,10 @@ def publish(spec: JobSpec, out_dir: Path, settings: Settings) -> Output:
             summary = json_safe(json.loads(summary_path.read_text()))
         except ValueError as exc:
             log.warning("job %s: unreadable summary.json: %s", spec.id, exc)
-    size, sha256 = _digest(model)
+    size, sha256 = file_digest(model)
     checkpoint_id = new_id()
     uri = get_store(settings).put_file(f"checkpoints/{checkpoint_id}/model.pt", model)
     return Output(checkpoint_id=checkpoint_id, uri=uri, size_bytes=size, sha256=sha256, summary=summary)
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def record_outcome(

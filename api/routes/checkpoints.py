@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from api.errors import InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
 from api.schemas import CheckpointOut
 from api.settings import Settings
-from api.storage import ObjectNotFound, StorageError, localize, normalise_uri, store_for_uri
+from api.storage import ObjectNotFound, StorageError, file_digest, localize, normalise_uri, store_for_uri
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
@@ -32,16 +31,6 @@ def is_torch_file(path: Path) -> bool:
             return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
     except zipfile.BadZipFile:
         return False
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint (expected a torch.save zip file containing data.pkl)"
