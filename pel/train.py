@@ -5,6 +5,12 @@ DistributedDataParallel and draws its own patches from a rank-seeded generator; 
 code without a group. Evaluation (validation and test) is sharded: each rank predicts every ``world_size``-th
 image by stitched sliding windows and ``SegmentationMetrics.compute`` all-reduces the counts, so every rank
 gets the same scores and agrees on the best step. Only rank 0 writes to ``out_dir``.
+
+Training steps run under bf16 autocast on CUDA (``amp``), clip the global gradient norm (``grad_clip``) and follow
+a warm-up + constant/cosine learning-rate schedule. Every ``snapshot_every`` steps rank 0 writes
+``out_dir/snapshot.pt`` (weights, optimiser, scheduler, best-so-far, every rank's RNG states); a run that finds one
+in its ``out_dir`` resumes from it, so an interrupted job restarted on the same folder ends with the same weights
+as an uninterrupted one. The snapshot is removed once ``summary.json`` is written.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -38,20 +44,29 @@ __all__ = ["LOSS_REGIONS", "TrainConfig", "train"]
 # config.loss -> CompoundLoss region term (cross entropy is always added).
 LOSS_REGIONS: dict[str, Literal["pel", "dice", "none"]] = {"pel_ce": "pel", "dice_ce": "dice", "ce": "none"}
 MODES = ("baseline", "finetune")
+SCHEDULES = ("constant", "cosine")
 LOG_EVERY = 10  # training steps per metrics.jsonl line (plus the first step, validation steps and the last)
 # Evaluation windows are at least this large: a fully convolutional net sees more context per window, and on
 # CPU a few large windows are faster than many overlapping small ones.
 MIN_EVAL_PATCH = 256
 EVAL_BATCH = 4
+SNAPSHOT = "snapshot.pt"
+SNAPSHOT_FORMAT = "pel-tune.snapshot/1"
 
 
 @dataclass
 class TrainConfig:
     """Everything a training job needs besides its paths; round-trips through JSON (``to_dict``/``from_dict``).
 
-    ``batch_size`` is per rank. ``model`` (a ``UNetConfig`` dict) is used only by ``mode="baseline"``, whose
-    ``in_channels``/``out_channels`` are taken from the dataset and the target; a fine-tune keeps the
-    architecture of its init checkpoint. ``val_images`` limits validation to the first N val images (for speed).
+    ``batch_size`` is per rank. ``amp`` runs the training forward pass under bf16 autocast on CUDA only (a no-op
+    on CPU; evaluation always runs in float32). ``grad_clip`` caps the global L2 norm of the gradients (None: no
+    clipping). The learning rate of step s (1-based) is ``lr * lr_factor(s)``: a linear warm-up ``s / warmup_steps``
+    for the first ``warmup_steps`` steps, then 1 (``"constant"``) or a half cosine from 1 at step warmup_steps + 1
+    towards 0 one step past the last (``"cosine"``, so every step trains). ``snapshot_every`` is the snapshot
+    cadence in steps (see the module docstring). ``model`` (a ``UNetConfig`` dict) is used only by
+    ``mode="baseline"``, whose ``in_channels``/``out_channels`` are taken from the dataset and the target; a
+    fine-tune keeps the architecture of its init checkpoint. ``val_images`` limits validation to the first N val
+    images (for speed).
     """
 
     mode: Literal["baseline", "finetune"] = "finetune"
@@ -71,15 +86,31 @@ class TrainConfig:
     val_images: int | None = None
     eval_overlap: float = 0.25
     seed: int = 0
+    amp: bool = True
+    grad_clip: float | None = None
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    snapshot_every: int = 50
     model: dict[str, Any] = field(default_factory=lambda: UNetConfig().to_dict())
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
         _choice("loss", self.loss, tuple(LOSS_REGIONS))
         _choice("target", self.target, TARGETS)
-        for name in ("patch_size", "batch_size", "steps", "val_every"):
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        for name in ("patch_size", "batch_size", "steps", "val_every", "snapshot_every"):
             _integer(name, getattr(self, name), minimum=1)
         _integer("seed", self.seed, minimum=0)
+        _integer("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}: "
+                "the learning rate would never reach lr"
+            )
+        if not isinstance(self.amp, bool):
+            raise ValueError(f"TrainConfig.amp must be true or false, got {self.amp!r}")
+        if self.grad_clip is not None:
+            _number("grad_clip", self.grad_clip, low=0.0, low_open=True)
         if self.val_images is not None:
             _integer("val_images", self.val_images, minimum=1)
         _number("alpha", self.alpha, low=0.0, low_open=True)
@@ -100,6 +131,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at 1-based training ``step`` (warm-up, then constant or cosine decay)."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        # Progress 0 at the first step after warm-up; the 0 of the cosine falls one step past the last (the
+        # scheduler also asks for that step, so it is clamped there, and the warm-up may fill every step).
+        progress = min(1.0, (step - self.warmup_steps - 1) / max(1, self.steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         if not isinstance(data, dict):
@@ -116,6 +158,7 @@ def train(
 ) -> dict[str, Any] | None:
     """Train per ``config``; rank 0 writes ``metrics.jsonl``, ``model.pt`` and ``summary.json`` to ``out_dir``.
 
+    If ``out_dir`` holds a ``snapshot.pt`` of the same config and world size, training resumes from it.
     Returns the summary on rank 0 and None on other ranks. Joins the process group described by torchrun's
     environment if nobody has yet (and then leaves it at the end). Thread counts are the caller's choice.
     On an exception every rank writes ``out_dir/error-rank{rank}.txt`` ("<Type>: <message>") and re-raises.
@@ -127,6 +170,8 @@ def train(
     try:
         info = distributed.setup()
         rank = info.rank
+        # A resumed run must not be reported as failed by the error file of the attempt it continues.
+        (out_dir / f"error-rank{rank}.txt").unlink(missing_ok=True)
         return _Trainer(config, info, Path(dataset_dir), out_dir, init_checkpoint).run()
     except Exception as exc:
         (out_dir / f"error-rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}\n")
@@ -161,11 +206,6 @@ class _Trainer:
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = self._build_model()
-        self.net: torch.nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-            if info.distributed
-            else self.model
-        )
         self.loss_fn = CompoundLoss(
             LOSS_REGIONS[config.loss],
             region_weight=config.region_weight,
@@ -175,7 +215,26 @@ class _Trainer:
         )
         # AdamW with weight_decay 0 is exactly Adam.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # LambdaLR's counter is the number of steps done, so step s (1-based) trains with lr * lr_factor(s).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda done: config.lr_factor(done + 1))
         self.rng = np.random.default_rng([config.seed, info.rank])
+        # bf16 needs no loss scaling (same exponent range as float32); CPU autocast would only slow a CPU run down.
+        self.amp = config.amp and info.device.type == "cuda"
+
+        # State carried across steps, and across an interruption by the snapshot.
+        self.start_step = 0
+        self.best_dice, self.best_step = -math.inf, 0
+        self.best_state: dict[str, Tensor] | None = None
+        self.test_before: dict[str, Any] | None = None
+        self.sums: dict[str, Tensor] = {}  # loss terms summed since the last metrics line
+        self.count = 0
+        self.resumed = self._restore_snapshot()
+        # Wrap after restoring: DDP broadcasts rank 0's weights at construction (all ranks loaded the same ones).
+        self.net: torch.nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            if info.distributed
+            else self.model
+        )
 
         # Every rank samples from the whole train split; evaluation images are sharded across ranks.
         self.train_samples = load_split(self.index, "train", config.target)
@@ -214,40 +273,43 @@ class _Trainer:
         cfg = self.config
         is_main = self.info.is_main
         started = time.monotonic()
-        test_before = self._evaluate(self.test_shard) if cfg.mode == "finetune" else None
-        best_dice, best_step, best_state = -math.inf, 0, None
-        log = (self.out_dir / "metrics.jsonl").open("w") if is_main else None
+        if cfg.mode == "finetune" and not self.resumed:
+            self.test_before = self._evaluate(self.test_shard)
+        log = self._open_log() if is_main else None
         try:
-            sums: dict[str, Tensor] = {}
-            count = 0
-            for step in range(1, cfg.steps + 1):
-                terms = self._train_step()
+            for step in range(self.start_step + 1, cfg.steps + 1):
+                terms, lr = self._train_step()
                 for key, value in terms.items():
-                    sums[key] = sums[key] + value if key in sums else value
-                count += 1
+                    self.sums[key] = self.sums[key] + value if key in self.sums else value
+                self.count += 1
                 validate = step % cfg.val_every == 0 or step == cfg.steps
                 point: dict[str, Any] | None = None
                 if validate or step == 1 or step % LOG_EVERY == 0:
                     # Loss terms are rank 0's own patches, averaged since the last line (no extra collective).
-                    point = {"step": step, "total_steps": cfg.steps, "lr": self.optimizer.param_groups[0]["lr"]}
-                    point.update({k: float(v / count) for k, v in sums.items()})
-                    sums, count = {}, 0
+                    point = {"step": step, "total_steps": cfg.steps, "lr": lr}
+                    point.update({k: float(v / self.count) for k, v in self.sums.items()})
+                    self.sums, self.count = {}, 0
                 if validate:
                     val_dice = _foreground_dice(self._evaluate(self.val_shard))
                     assert point is not None
                     point["val_dice"] = val_dice
-                    if val_dice > best_dice:  # Dice, never the loss: raw PEL is negative
-                        best_dice, best_step = val_dice, step
-                        best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    if val_dice > self.best_dice:  # Dice, never the loss: raw PEL is negative
+                        self.best_dice, self.best_step = val_dice, step
+                        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 if point is not None and log is not None:
                     log.write(json.dumps(point) + "\n")
                     log.flush()
+                # After the step's metrics line and validation, so a resume neither repeats nor misses them.
+                # The last step needs none: the outputs written next supersede it.
+                if step % cfg.snapshot_every == 0 and step < cfg.steps:
+                    self._save_snapshot(step)
         finally:
             if log is not None:
                 log.close()
 
-        assert best_state is not None  # the last step always validates
-        self.model.load_state_dict(best_state)
+        assert self.best_state is not None  # the last step always validates
+        best_dice, best_step = self.best_dice, self.best_step
+        self.model.load_state_dict(self.best_state)
         if is_main:
             save_checkpoint(
                 self.out_dir / "model.pt",
@@ -265,7 +327,7 @@ class _Trainer:
         if not is_main:
             return None
         summary = {
-            "test_before": test_before,
+            "test_before": self.test_before,
             "test_after": test_after,
             "best_step": best_step,
             "best_val_dice": best_dice,
@@ -275,19 +337,126 @@ class _Trainer:
             "wall_seconds": round(time.monotonic() - started, 3),
         }
         _write_json_atomic(self.out_dir / "summary.json", summary)
+        # The job is complete: its outputs replace the snapshot, and a rerun on this folder starts afresh.
+        (self.out_dir / SNAPSHOT).unlink(missing_ok=True)
         return summary
 
-    def _train_step(self) -> dict[str, Tensor]:
+    def _open_log(self) -> IO[str]:
+        """metrics.jsonl for appending; on a resume, first cut the lines after the snapshot's step."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.resumed:
+            return path.open("w")
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    step = int(json.loads(line)["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # e.g. a line cut short by the interruption
+                if step <= self.start_step:
+                    kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        return path.open("a")
+
+    def _save_snapshot(self, step: int) -> None:
+        """Rank 0 writes everything a resume needs to ``snapshot.pt`` atomically (a collective: RNG gather)."""
+        rng = {
+            "numpy": self.rng.bit_generator.state,  # plain dict of str/int
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None,
+        }
+        # One file with every rank's RNG state, rather than a file per rank: a single atomic rename can never
+        # leave ranks' states from different steps side by side.
+        if self.info.distributed:
+            rngs: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not self.info.is_main:
+            return
+        snapshot = {
+            "format": SNAPSHOT_FORMAT,
+            "step": step,
+            "config": self.config.to_dict(),
+            "world_size": self.info.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_val_dice": self.best_dice,
+            "best_step": self.best_step,
+            "best_state": self.best_state,
+            "test_before": self.test_before,
+            "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "count": self.count,
+            "rng": rngs,
+        }
+        path = self.out_dir / SNAPSHOT
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(snapshot, tmp)
+        os.replace(tmp, path)
+
+    def _restore_snapshot(self) -> bool:
+        """Load ``out_dir/snapshot.pt`` if there is one (every rank reads it); True when resuming."""
+        path = self.out_dir / SNAPSHOT
+        if not path.exists():
+            return False
+        try:
+            snap = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unreadable file gets the same explanation
+            raise ValueError(f"cannot read the snapshot {path}: {exc}; delete it to start afresh") from None
+        if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is not a PEL Tune snapshot; delete it to start afresh")
+        differ = sorted(k for k, v in self.config.to_dict().items() if snap["config"].get(k) != v)
+        if differ:
+            raise ValueError(
+                f"{path} was written by a run with a different config (differs in: {', '.join(differ)}); "
+                "use a fresh out_dir or delete the snapshot"
+            )
+        if snap["world_size"] != self.info.world_size:
+            raise ValueError(
+                f"{path} was written by {snap['world_size']} rank(s) but this run has {self.info.world_size}: "
+                "each rank's patch sampler would not continue; rerun with the same number of processes"
+            )
+        device = self.info.device
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])  # moves the moments to the parameters' device
+        self.scheduler.load_state_dict(snap["scheduler"])
+        self.start_step = int(snap["step"])
+        self.best_dice, self.best_step = float(snap["best_val_dice"]), int(snap["best_step"])
+        best = snap["best_state"]
+        self.best_state = None if best is None else {k: v.to(device) for k, v in best.items()}
+        self.test_before = snap["test_before"]
+        self.sums = {k: v.to(device) for k, v in snap["sums"].items()}
+        self.count = int(snap["count"])
+        rng = snap["rng"][self.info.rank]
+        self.rng.bit_generator.state = rng["numpy"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        return True
+
+    def _train_step(self) -> tuple[dict[str, Tensor], float]:
+        """One optimiser step; returns the detached loss terms and the learning rate the step used."""
         images, masks = self._sample_batch()
         device = self.info.device
         x = torch.from_numpy(images).to(device, non_blocking=True)
         y = torch.from_numpy(masks).to(device, non_blocking=True)
         self.net.train()
-        terms = self.loss_fn.terms(self.net(x), y)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.net(x)
+        # The loss stays outside autocast: it computes in float32 whatever the logits' dtype.
+        terms = self.loss_fn.terms(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if self.config.grad_clip is not None:
+            # The unwrapped parameters: under DDP their grads are already all-reduced, so every rank clips alike.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return {k: v.detach() for k, v in terms.items()}
+        self.scheduler.step()
+        return {k: v.detach() for k, v in terms.items()}, lr
 
     def _sample_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """``batch_size`` patches: round(batch_size * fg_fraction) centred on foreground, the rest uniform.
