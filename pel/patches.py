@@ -1,19 +1,30 @@
-"""Patch geometry on numpy arrays shaped ``(..., H, W)``: grid and random positions, cropping, padding.
+"""Patch geometry on numpy arrays shaped ``(..., *S)``: grid and random positions, cropping, padding.
 
-Positions are top-left corners ``(y, x)``; ``patch`` and ``stride`` are ``(height, width)``.
+Every function is dimension-generic: the number of spatial dimensions is the length of the ``patch`` / ``size``
+/ ``pos`` tuple (2 for ``(H, W)``, 3 for ``(D, H, W)``) and any leading dimensions (channels) are carried along.
+Positions are corners (the lowest index along every spatial axis), e.g. ``(y, x)`` or ``(z, y, x)``.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = ["crop", "grid_positions", "pad_to_min", "random_positions"]
 
 
-def _check_pair(name: str, value: tuple[int, int], *, minimum: int) -> tuple[int, int]:
-    if len(value) != 2 or any(int(v) != v or v < minimum for v in value):
-        raise ValueError(f"{name} must be two integers >= {minimum}, got {value!r}")
-    return int(value[0]), int(value[1])
+def _check_tuple(name: str, value: Sequence[int], *, minimum: int, ndim: int | None = None) -> tuple[int, ...]:
+    """Validate a per-axis integer tuple; ``ndim`` pins its length (2D and 3D are the supported cases)."""
+    values = tuple(value)
+    if ndim is None and len(values) not in (2, 3):
+        raise ValueError(f"{name} must have 2 or 3 entries (2D or 3D), got {value!r}")
+    if ndim is not None and len(values) != ndim:
+        raise ValueError(f"{name} must have {ndim} entries to match the other arguments, got {value!r}")
+    if any(int(v) != v or v < minimum for v in values):
+        raise ValueError(f"{name} must be integers >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _axis_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -27,79 +38,89 @@ def _axis_starts(size: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
-def grid_positions(shape: tuple[int, int], patch: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int]]:
-    """Top-left corners of a sliding-window grid over an image of ``shape`` (H, W), row-major.
+def grid_positions(shape: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> list[tuple[int, ...]]:
+    """Corners of a sliding-window grid over an image of spatial ``shape`` ((H, W) or (D, H, W)), row-major.
 
-    Windows start every ``stride`` pixels and the last row/column is aligned to the far edge, so every pixel
-    is covered. An axis no longer than the patch gets a single window at 0. ``stride > patch`` would leave
-    gaps and is rejected.
+    Windows start every ``stride`` pixels along each axis and the last one is aligned to the far edge, so every
+    pixel is covered and no window leaves the image. An axis no longer than the patch gets a single window at 0
+    (pad the array with :func:`pad_to_min`). ``stride > patch`` would leave gaps and is rejected.
     """
-    h, w = _check_pair("shape", shape, minimum=1)
-    ph, pw = _check_pair("patch", patch, minimum=1)
-    sh, sw = _check_pair("stride", stride, minimum=1)
-    if sh > ph or sw > pw:
-        raise ValueError(f"stride {stride} larger than patch {patch} would leave pixels uncovered")
-    return [(y, x) for y in _axis_starts(h, ph, sh) for x in _axis_starts(w, pw, sw)]
+    dims = _check_tuple("shape", shape, minimum=1)
+    sizes = _check_tuple("patch", patch, minimum=1, ndim=len(dims))
+    steps = _check_tuple("stride", stride, minimum=1, ndim=len(dims))
+    if any(s > p for s, p in zip(steps, sizes, strict=True)):
+        raise ValueError(f"stride {tuple(stride)} larger than patch {tuple(patch)} would leave pixels uncovered")
+    axes = [_axis_starts(n, p, s) for n, p, s in zip(dims, sizes, steps, strict=True)]
+    return list(itertools.product(*axes))
 
 
 def random_positions(
-    mask: np.ndarray, patch: tuple[int, int], count: int, fg_fraction: float, rng: np.random.Generator
-) -> list[tuple[int, int]]:
-    """``count`` random top-left corners for ``patch``-sized crops of ``mask`` (..., H, W).
+    mask: np.ndarray, patch: Sequence[int], count: int, fg_fraction: float, rng: np.random.Generator
+) -> list[tuple[int, ...]]:
+    """``count`` random corners for ``patch``-sized crops of ``mask`` (..., *S), S = ``len(patch)`` dims.
 
     The first ``round(count * fg_fraction)`` are centred on a uniformly drawn foreground pixel (label > 0 in any
     leading channel), clipped to stay inside the image, so each of them contains foreground; the rest are
     uniform over all in-bounds corners. A mask without foreground gives uniform positions only. An axis shorter
     than the patch yields corner 0 (pad the arrays with :func:`pad_to_min` before cropping).
     """
-    ph, pw = _check_pair("patch", patch, minimum=1)
+    sizes = _check_tuple("patch", patch, minimum=1)
+    nd = len(sizes)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if not 0.0 <= fg_fraction <= 1.0:
         raise ValueError(f"fg_fraction must lie in [0, 1], got {fg_fraction}")
-    if mask.ndim < 2:
-        raise ValueError(f"mask must be (..., H, W), got shape {mask.shape}")
-    h, w = mask.shape[-2:]
-    max_y, max_x = max(h - ph, 0), max(w - pw, 0)
+    if mask.ndim < nd:
+        raise ValueError(f"mask must be (..., *S) with {nd} spatial dims, got shape {mask.shape}")
+    spatial = mask.shape[-nd:]
+    max_corner = np.array([max(n - p, 0) for n, p in zip(spatial, sizes, strict=True)], dtype=np.int64)
 
-    fg = mask > 0
-    if fg.ndim > 2:
-        fg = fg.reshape(-1, h, w).any(axis=0)
-    fg_flat = np.flatnonzero(fg)
-    n_fg = round(count * fg_fraction) if fg_flat.size else 0
-
-    ys = np.empty(count, dtype=np.int64)
-    xs = np.empty(count, dtype=np.int64)
+    n_fg = round(count * fg_fraction)
     if n_fg:
-        cy, cx = np.divmod(fg_flat[rng.integers(0, fg_flat.size, size=n_fg)], w)
-        ys[:n_fg] = np.clip(cy - ph // 2, 0, max_y)
-        xs[:n_fg] = np.clip(cx - pw // 2, 0, max_x)
+        # Only searched when needed: finding the foreground is most of the cost of a call on a whole image.
+        fg = mask > 0
+        if fg.ndim > nd:
+            fg = fg.reshape(-1, *spatial).any(axis=0)
+        # flatnonzero + unravel_index is cheaper than np.nonzero per axis and samples uniformly by flat index.
+        fg_flat = np.flatnonzero(fg)
+        n_fg = n_fg if fg_flat.size else 0
+
+    corners = np.empty((count, nd), dtype=np.int64)
+    if n_fg:
+        centres = np.stack(np.unravel_index(fg_flat[rng.integers(0, fg_flat.size, size=n_fg)], spatial), axis=1)
+        corners[:n_fg] = np.clip(centres - np.array(sizes) // 2, 0, max_corner)
     n_uni = count - n_fg
-    ys[n_fg:] = rng.integers(0, max_y + 1, size=n_uni)
-    xs[n_fg:] = rng.integers(0, max_x + 1, size=n_uni)
-    return [(int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
+    # Axis by axis (not one (n, nd) draw) so 2D positions keep the random stream of the original 2D sampler.
+    for axis in range(nd):
+        corners[n_fg:, axis] = rng.integers(0, max_corner[axis] + 1, size=n_uni)
+    return [tuple(int(v) for v in row) for row in corners]
 
 
-def crop(array: np.ndarray, pos: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
-    """``array[..., y:y+ph, x:x+pw]`` as a view (copy it before writing). The window must lie inside the array."""
-    y, x = _check_pair("pos", pos, minimum=0)
-    ph, pw = _check_pair("patch", patch, minimum=1)
-    h, w = array.shape[-2:]
-    if y + ph > h or x + pw > w:
-        raise ValueError(f"patch {patch} at {pos} exceeds the array's (H, W) = {(h, w)}; pad it first")
-    return array[..., y : y + ph, x : x + pw]
+def crop(array: np.ndarray, pos: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+    """``array[..., y:y+ph, x:x+pw]`` (or with z) as a view (copy it before writing); must lie inside the array."""
+    corner = _check_tuple("pos", pos, minimum=0)
+    sizes = _check_tuple("patch", patch, minimum=1, ndim=len(corner))
+    nd = len(corner)
+    if array.ndim < nd:
+        raise ValueError(f"array must have at least {nd} dims, got shape {array.shape}")
+    spatial = array.shape[-nd:]
+    if any(c + p > n for c, p, n in zip(corner, sizes, spatial, strict=True)):
+        raise ValueError(f"patch {tuple(patch)} at {tuple(pos)} exceeds the array's spatial shape {spatial}; pad it")
+    return array[(Ellipsis, *(slice(c, c + p) for c, p in zip(corner, sizes, strict=True)))]
 
 
-def pad_to_min(array: np.ndarray, size: tuple[int, int], *, value: float = 0) -> np.ndarray:
-    """Pad the bottom/right of ``array`` (..., H, W) with ``value`` up to at least ``size`` (H, W).
+def pad_to_min(array: np.ndarray, size: Sequence[int], *, value: float = 0) -> np.ndarray:
+    """Pad the far end of each of the last ``len(size)`` axes of ``array`` with ``value`` up to at least ``size``.
 
     Padding only at the far edges keeps pixel coordinates unchanged, so positions and crops stay valid and
     the original is ``result[..., :H, :W]``. Returns ``array`` itself when it is already large enough.
     """
-    min_h, min_w = _check_pair("size", size, minimum=0)
-    h, w = array.shape[-2:]
-    pad_h, pad_w = max(min_h - h, 0), max(min_w - w, 0)
-    if not pad_h and not pad_w:
+    minimum = _check_tuple("size", size, minimum=0)
+    nd = len(minimum)
+    if array.ndim < nd:
+        raise ValueError(f"array must have at least {nd} dims, got shape {array.shape}")
+    pads = [max(m - n, 0) for m, n in zip(minimum, array.shape[-nd:], strict=True)]
+    if not any(pads):
         return array
-    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    widths = [(0, 0)] * (array.ndim - nd) + [(0, p) for p in pads]
     return np.pad(array, widths, mode="constant", constant_values=value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pel.inference import sliding_window_predict
+from pel.inference import gaussian_importance_map, sliding_window_predict
 
 
 class Replicate(nn.Module):
@@ -119,6 +119,81 @@ def test_rejects_bad_arguments(kwargs: dict) -> None:
         sliding_window_predict(Replicate(zero_channel=False), torch.zeros(1, 10, 10), **kwargs)
 
 
-def test_rejects_batched_image() -> None:
+@pytest.mark.parametrize("shape", [(1, 1, 1, 10, 10), (10, 10)])
+def test_rejects_image_that_is_neither_2d_nor_3d(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="C, H, W"):
-        sliding_window_predict(Replicate(zero_channel=False), torch.zeros(1, 1, 10, 10), patch=8)
+        sliding_window_predict(Replicate(zero_channel=False), torch.zeros(shape), patch=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"patch": (8, 8, 8)}, {"patch": (8, 0)}, {"patch": 8, "blend": "linear"}],
+    ids=["3d-patch", "zero", "blend"],
+)
+def test_rejects_bad_window_or_blend(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        sliding_window_predict(Replicate(zero_channel=False), torch.zeros(1, 10, 10), **kwargs)
+
+
+def dyadic_volume(channels: int, shape: tuple[int, ...], seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-64, 64, (channels, *shape), generator=gen).float() / 16
+
+
+@pytest.mark.parametrize("blend", ["constant", "gaussian"])
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap", "batch_size"),
+    [
+        ((37, 53), 16, 0.5, 3),
+        ((31, 29), (8, 12), 0.75, 64),
+        ((5, 7), 16, 0.25, 8),  # smaller than the window on both axes
+        ((3, 40), (8, 9), 0.5, 2),  # smaller on one axis
+        ((13, 17, 11), 8, 0.5, 4),  # 3D, odd sizes
+        ((9, 21, 6), (4, 8, 8), 0.25, 5),  # 3D, anisotropic window, depth smaller than the window
+        ((3, 5, 7), 8, 0.5, 1),  # 3D smaller than the window everywhere
+    ],
+)
+def test_identity_model_reconstructs_exactly_2d_3d_both_blends(
+    shape: tuple[int, ...], patch: int | tuple[int, ...], overlap: float, batch_size: int, blend: str
+) -> None:
+    # Random floats, not dyadic ones: the float64 blend must give the input back bit for bit for any weights.
+    image = torch.randn(2, *shape, generator=torch.Generator().manual_seed(len(shape) * 100 + shape[0]))
+    model = Replicate(zero_channel=False)
+    probs = sliding_window_predict(model, image, patch=patch, overlap=overlap, batch_size=batch_size, blend=blend)
+    window = (patch,) * len(shape) if isinstance(patch, int) else patch
+    assert probs.shape == image.shape and probs.dtype == torch.float32
+    assert torch.equal(probs, torch.softmax(image, dim=0))
+    assert all(c[0] <= batch_size and c[2:] == window for c in model.calls)
+
+
+def test_gaussian_importance_map_shape_and_profile() -> None:
+    weights = gaussian_importance_map((16, 9))
+    assert weights.shape == (16, 9) and weights.dtype == torch.float32
+    assert weights.max() == 1.0 and (weights > 0).all()
+    # Symmetric about the centre, separable, sigma = size / 8: one sigma from the centre the weight is exp(-1/2).
+    torch.testing.assert_close(weights, weights.flip(0).flip(1))
+    torch.testing.assert_close(weights, torch.outer(weights[:, 4], weights[7, :] / weights[7, 4]))
+    row = gaussian_importance_map((1, 81))[0]
+    assert row[40] == 1.0
+    assert row[40 + round(81 / 8)].item() == pytest.approx(float(torch.exp(torch.tensor(-0.5 * (10 / (81 / 8)) ** 2))))
+    # Far corners of a large window underflow without the clamp; every weight stays positive.
+    assert (gaussian_importance_map((8, 200, 200)) > 0).all()
+
+
+def test_gaussian_blend_weights_windows_by_the_map() -> None:
+    # Width 12, window 8, stride 4: windows at x = 0 (logit 0) and x = 4 (logit 1) overlap on columns 4..7, where
+    # the blend is w1 / (w0 + w1) with w0 the right half of the map and w1 its left half.
+    probs = sliding_window_predict(PositionProbe(), torch.zeros(1, 8, 12), patch=8, overlap=0.5, blend="gaussian")
+    logits = torch.logit(probs[0].double(), eps=0)
+    row = gaussian_importance_map((8, 8))[0].double()
+    expected = row[:4] / (row[4:] + row[:4])
+    torch.testing.assert_close(logits[:, 4:8], expected.expand(8, 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[:, :4], torch.zeros(8, 4, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[:, 8:], torch.ones(8, 4, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_3d_unet_like_model_runs_on_a_volume() -> None:
+    model = nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.BatchNorm3d(3))
+    probs = sliding_window_predict(model, torch.randn(1, 10, 20, 15), patch=(8, 16, 16), blend="gaussian")
+    assert probs.shape == (3, 10, 20, 15)
+    torch.testing.assert_close(probs.sum(0), torch.ones(10, 20, 15))

@@ -147,6 +147,87 @@ def test_pad_to_min_pads_bottom_right_only(
         assert out is array
 
 
+def test_random_positions_2d_stream_unchanged_by_the_nd_rewrite() -> None:
+    # Values from the 2D-only sampler before it became dimension-generic: same seed, same training patches.
+    mask = np.zeros((40, 50), dtype=np.uint16)
+    mask[10:14, 30:33] = 3
+    mask[35, 2] = 1
+    got = random_positions(mask, (16, 12), 6, 0.5, np.random.default_rng(11))
+    assert got == [(2, 25), (2, 25), (5, 25), (12, 27), (14, 1), (15, 18)]
+
+
+def coverage_nd(shape: tuple[int, ...], positions: list[tuple[int, ...]], patch: tuple[int, ...]) -> np.ndarray:
+    cover = np.zeros(shape, dtype=np.int64)
+    for pos in positions:
+        assert all(p >= 0 and p + w <= n for p, w, n in zip(pos, patch, shape, strict=True))
+        cover[tuple(slice(p, p + w) for p, w in zip(pos, patch, strict=True))] += 1
+    return cover
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "stride"),
+    [
+        ((10, 11, 12), (4, 4, 4), (3, 4, 2)),
+        ((7, 33, 17), (7, 8, 8), (7, 6, 1)),
+        ((3, 20, 20), (8, 8, 8), (4, 4, 4)),  # depth smaller than the patch: one window at 0
+        ((16, 16, 16), (8, 8, 8), (8, 8, 8)),
+    ],
+)
+def test_grid_3d_covers_every_voxel_with_last_window_on_the_edge(
+    shape: tuple[int, int, int], patch: tuple[int, int, int], stride: tuple[int, int, int]
+) -> None:
+    positions = grid_positions(shape, patch, stride)
+    assert all(len(pos) == 3 for pos in positions) and len(positions) == len(set(positions))
+    clipped = tuple(min(p, n) for p, n in zip(patch, shape, strict=True))
+    assert (coverage_nd(shape, positions, clipped) >= 1).all()
+    for axis in range(3):
+        starts = sorted({pos[axis] for pos in positions})
+        assert starts[0] == 0 and starts[-1] == max(shape[axis] - patch[axis], 0)
+    if shape == (16, 16, 16):
+        assert (coverage_nd(shape, positions, patch) == 1).all() and len(positions) == 8
+
+
+def test_grid_rejects_mixed_dimensions() -> None:
+    with pytest.raises(ValueError):
+        grid_positions((10, 10, 10), (4, 4), (2, 2))
+    with pytest.raises(ValueError):
+        grid_positions((10,), (4,), (2,))
+
+
+def test_random_positions_3d_foreground_and_bounds() -> None:
+    mask = np.zeros((2, 20, 30, 40), dtype=np.uint16)  # (C, D, H, W)
+    mask[1, 18, 2, 39] = 5  # a corner voxel: centring must be clipped back inside
+    patch = (8, 8, 8)
+    positions = random_positions(mask, patch, 50, 0.6, np.random.default_rng(7))
+    assert len(positions) == 50 and all(len(p) == 3 for p in positions)
+    coverage_nd((20, 30, 40), positions, patch)
+    assert set(positions[:30]) == {(12, 0, 32)}
+    assert all(crop(mask, p, patch).any() for p in positions[:30])
+    # Smaller than the patch along depth: corner 0 there, and padding makes every crop valid.
+    small = np.zeros((4, 30, 40), dtype=np.uint8)
+    small[2, 10, 10] = 1
+    pos = random_positions(small, patch, 10, 1.0, np.random.default_rng(8))
+    assert all(p[0] == 0 for p in pos)
+    padded = pad_to_min(small, patch)
+    assert padded.shape == (8, 30, 40)
+    assert all(crop(padded, p, patch).shape == patch and crop(padded, p, patch).any() for p in pos)
+
+
+def test_crop_and_pad_3d() -> None:
+    array = np.arange(2 * 5 * 6 * 7).reshape(2, 5, 6, 7)
+    out = crop(array, (1, 2, 3), (3, 4, 4))
+    assert out.shape == (2, 3, 4, 4)
+    np.testing.assert_array_equal(out, array[:, 1:4, 2:6, 3:7])
+    with pytest.raises(ValueError):
+        crop(array, (3, 0, 0), (3, 4, 4))
+    with pytest.raises(ValueError):
+        crop(array, (0, 0), (3, 4, 4))
+    padded = pad_to_min(array, (6, 6, 9), value=-1)
+    assert padded.shape == (2, 6, 6, 9)
+    np.testing.assert_array_equal(padded[:, :5, :, :7], array)
+    assert (padded[:, 5:] == -1).all() and (padded[..., 7:] == -1).all()
+
+
 def _first_mask(root: Path) -> np.ndarray:
     path = sorted((root / "masks").glob("*.png"))[0]
     return np.array(Image.open(path))
