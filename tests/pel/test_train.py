@@ -91,7 +91,12 @@ def test_config_round_trip_and_defaults() -> None:
     )
     assert (defaults.patch_size, defaults.batch_size, defaults.steps, defaults.val_every) == (128, 8, 200, 50)
     # Warm-up 0 and a constant schedule keep the learning rate of earlier versions.
-    assert (defaults.amp, defaults.grad_clip, defaults.warmup_steps, defaults.lr_schedule) == (True, None, 0, "constant")
+    assert (defaults.amp, defaults.grad_clip, defaults.warmup_steps, defaults.lr_schedule) == (
+        True,
+        None,
+        0,
+        "constant",
+    )
     assert defaults.snapshot_every == 50
     assert TrainConfig.from_dict({"grad_clip": None}).grad_clip is None
 
