@@ -58,6 +58,20 @@ def _exec(argv: list[str]) -> int:
     os.execvp(argv[0], argv)
 
 
+class UsageError(ValueError):
+    """A command-line argument the client cannot use; printed in one line."""
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f'--config is not valid JSON ({exc}); example: \'{{"steps": 200, "lr": 1e-4}}\'') from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--config must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _client_command(args: argparse.Namespace) -> int:
     from api.client import PelTuneClient
 
@@ -75,7 +89,7 @@ def _client_command(args: argparse.Namespace) -> int:
                     kind=args.kind,
                     dataset_id=args.dataset,
                     checkpoint_id=args.checkpoint,
-                    config=json.loads(args.config),
+                    config=_json_object(args.config),
                     nprocs=args.nprocs,
                 )
             case "jobs", "list":
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _client_command(args)
-    except ApiError as exc:
+    except (ApiError, UsageError) as exc:
         print(exc, file=sys.stderr)
         return 1
     except httpx.TransportError as exc:

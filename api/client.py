@@ -23,9 +23,18 @@ class ApiError(RuntimeError):
             detail: Any = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        super().__init__(f"HTTP {response.status_code} from {response.request.method} {response.request.url}: {detail}")
+        super().__init__(
+            f"HTTP {response.status_code} from {response.request.method} {response.request.url}: {_readable(detail)}"
+        )
         self.status_code = response.status_code
         self.detail = detail
+
+
+def _readable(detail: Any) -> str:
+    """FastAPI's validation errors (a list of {loc, msg}) as "body.config.lr: Input should be greater than 0"."""
+    if isinstance(detail, list) and all(isinstance(item, dict) and "msg" in item for item in detail):
+        return "; ".join(f"{'.'.join(str(part) for part in item.get('loc', []))}: {item['msg']}" for item in detail)
+    return str(detail)
 
 
 class PelTuneClient:

@@ -202,7 +202,8 @@ class ProgressBar:
         if self.val_dice is not None:
             parts.append(f"val Dice {self.val_dice:.4f}")
         if job["status"] == "running" and not last:
-            parts.append("(loading data; a fine-tune first scores its starting model on the test images)")
+            starting = "scoring the starting model on the test images" if job["kind"] == "finetune" else "loading data"
+            parts.append(f"({starting})")
         elif job["status"] == "running" and last.get("step") == last.get("total_steps"):
             parts.append("(scoring the best model on the test images)")
         line = "  ".join(parts)

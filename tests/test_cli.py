@@ -52,3 +52,10 @@ def test_help_lists_the_demo_and_the_service_parts():
     assert result.returncode == 0
     for command in ("demo", "migrate", "api", "worker", "jobs"):
         assert command in result.stdout
+
+
+def test_malformed_config_json_is_a_one_line_error():
+    result = run_cli("jobs", "--url", "http://127.0.0.1:9", "submit", "--dataset", "d", "--config", "{steps: 5}")
+    assert result.returncode == 1
+    assert "--config is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -42,7 +42,9 @@ def index_archive(archive: Path, loc: tuple[str, ...], tmp_root: Path) -> Datase
         try:
             return open_dataset(extract_archive(archive, Path(tmp)))
         except DatasetError as exc:
-            raise InvalidField(loc, str(exc), kind="invalid_dataset") from None
+            # Name files inside the archive, not the server's scratch folder.
+            message = str(exc).replace(f"{tmp}/", "").replace(tmp, "the archive")
+            raise InvalidField(loc, message, kind="invalid_dataset") from None
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=upload_body("a zip or tar(.gz) archive"))
