@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.db import crud
-from api.db.models import Checkpoint, Dataset, Job
+from api.db.models import ID_PATTERN, Checkpoint, Dataset, Job
 from api.db.session import get_sessionmaker
 from api.errors import NotFound
 from api.routes._multipart import ReceivedForm, receive_form
@@ -55,22 +55,27 @@ async def get_upload_form(request: Request, settings: SettingsDep) -> AsyncItera
 UploadFormDep = Annotated[ReceivedForm, Depends(get_upload_form)]
 
 
+def _well_formed(resource_id: str) -> bool:
+    # Ids are uuid4 hex; anything else cannot exist (and a NUL byte would be a database error on PostgreSQL).
+    return ID_PATTERN.fullmatch(resource_id) is not None
+
+
 def get_job_or_404(job_id: str, session: SessionDep) -> Job:
-    job = crud.get_job(session, job_id=job_id)
+    job = crud.get_job(session, job_id=job_id) if _well_formed(job_id) else None
     if job is None:
         raise NotFound("job", job_id)
     return job
 
 
 def get_checkpoint_or_404(checkpoint_id: str, session: SessionDep) -> Checkpoint:
-    checkpoint = crud.get_checkpoint(session, checkpoint_id=checkpoint_id)
+    checkpoint = crud.get_checkpoint(session, checkpoint_id=checkpoint_id) if _well_formed(checkpoint_id) else None
     if checkpoint is None:
         raise NotFound("checkpoint", checkpoint_id)
     return checkpoint
 
 
 def get_dataset_or_404(dataset_id: str, session: SessionDep) -> Dataset:
-    dataset = crud.get_dataset(session, dataset_id=dataset_id)
+    dataset = crud.get_dataset(session, dataset_id=dataset_id) if _well_formed(dataset_id) else None
     if dataset is None:
         raise NotFound("dataset", dataset_id)
     return dataset

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from api.db.models import JobKind, JobStatus
+from api.db.models import ID_PATTERN, JobKind, JobStatus
 from pel.train import TrainConfig
 
 MAX_NPROCS = 64
@@ -25,23 +25,28 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "n": {"gt": 0},
     "region_weight": {"ge": 0},
     "ce_weight": {"ge": 0},
-    "patch_size": {"ge": 16},
-    "batch_size": {"ge": 1},
+    # Upper bounds keep a typo from allocating terabytes or holding a worker for years; generous for real use.
+    "patch_size": {"ge": 16, "le": 2048},
+    "batch_size": {"ge": 1, "le": 1024},
     "fg_fraction": {"ge": 0, "le": 1},
-    "steps": {"ge": 1},
-    "lr": {"gt": 0},
+    "steps": {"ge": 1, "le": 10_000_000},
+    "lr": {"gt": 0, "le": 10},
     "weight_decay": {"ge": 0},
     "val_every": {"ge": 1},
     "val_images": {"ge": 1},
     "eval_overlap": {"ge": 0, "lt": 1},
-    "seed": {"ge": 0},
+    "seed": {"ge": 0, "lt": 2**32},  # numpy seeds are 32-bit
+    "grad_clip": {"gt": 0},
+    "warmup_steps": {"ge": 0},
+    "snapshot_every": {"ge": 1},
 }
 # Set by the job's kind, never by the client.
 SERVER_FIELDS = frozenset({"mode"})
 
 
 class _TrainSettingsBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"steps": true` or `"nprocs": "2"` is a mistake to report, not a value to coerce; no NaN/Infinity.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,11 +119,13 @@ class JobCreate(BaseModel):
     )
 
     kind: JobKind
-    dataset_id: str = Field(min_length=1, max_length=64)
+    dataset_id: str = Field(pattern=ID_PATTERN.pattern)
     checkpoint_id: str | None = Field(
-        None, min_length=1, max_length=64, description="init checkpoint; required for finetune, absent for baseline"
+        None, pattern=ID_PATTERN.pattern, description="init checkpoint; required for finetune, absent for baseline"
     )
-    nprocs: int = Field(1, ge=1, le=MAX_NPROCS, description="training processes (DDP ranks) on one worker host")
+    nprocs: int = Field(
+        1, ge=1, le=MAX_NPROCS, strict=True, description="training processes (DDP ranks) on one worker host"
+    )
     config: TrainSettings = Field(default_factory=TrainSettings)  # type: ignore[valid-type]
 
 

@@ -7,6 +7,7 @@ than native PostgreSQL enums, so adding a value later is a one-line migration on
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,9 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
 def new_id() -> str:

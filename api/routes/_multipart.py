@@ -28,6 +28,8 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 16
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 ENVELOPE_BYTES = 1024 * 1024
+# C0/C1 controls and the bidirectional overrides (U+202A-U+202E, U+2066-U+2069) that disguise text.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class ReceivedForm:
 
     def text(self, name: str) -> str | None:
         value = self.fields.get(name)
+        if value is not None and CONTROL_CHARACTERS.search(value):
+            # NUL cannot be stored in PostgreSQL text, and the others only hide what a name or URI really says.
+            raise InvalidField(("body", name), "must not contain control characters")
         return (value.strip() or None) if value is not None else None
 
 

@@ -103,7 +103,17 @@ def test_baseline_needs_no_checkpoint(client: TestClient, settings: Settings, da
 BAD_CONFIGS = [
     ({"bogus": 1}, "bogus", "extra_forbidden"),
     ({"lr": 0}, "lr", "greater_than"),
-    ({"lr": "fast"}, "lr", "float_parsing"),
+    ({"lr": "fast"}, "lr", "float_type"),
+    # Strict types: no silent coercion of booleans, strings or fractional numbers.
+    ({"steps": True}, "steps", "int_type"),
+    ({"steps": 5.5}, "steps", "int_type"),
+    ({"batch_size": "8"}, "batch_size", "int_type"),
+    # Upper bounds: a typo must not allocate terabytes or hold a worker for years.
+    ({"patch_size": 10**6}, "patch_size", "less_than_equal"),
+    ({"batch_size": 10**7}, "batch_size", "less_than_equal"),
+    ({"steps": 10**9}, "steps", "less_than_equal"),
+    ({"seed": 2**70}, "seed", "less_than"),
+    ({"grad_clip": 0}, "grad_clip", "greater_than"),
     ({"n": -1.0}, "n", "greater_than"),
     ({"steps": 0}, "steps", "greater_than_equal"),
     ({"patch_size": 8}, "patch_size", "greater_than_equal"),
@@ -145,10 +155,12 @@ def test_invalid_model_architecture_is_422(client: TestClient, dataset_id: str) 
     ("body", "loc", "text"),
     [
         ({"kind": "finetune"}, ["body", "checkpoint_id"], "needs an init checkpoint"),
-        ({"kind": "finetune", "checkpoint_id": "c0ffee"}, ["body", "checkpoint_id"], "'c0ffee' not found"),
-        ({"kind": "baseline", "checkpoint_id": "c0ffee"}, ["body", "checkpoint_id"], "omit checkpoint_id"),
-        ({"kind": "baseline", "dataset_id": "d00d"}, ["body", "dataset_id"], "'d00d' not found"),
+        ({"kind": "finetune", "checkpoint_id": "c0ffee" * 5 + "00"}, ["body", "checkpoint_id"], "not found"),
+        ({"kind": "baseline", "checkpoint_id": "c0ffee" * 5 + "00"}, ["body", "checkpoint_id"], "omit checkpoint_id"),
+        ({"kind": "baseline", "dataset_id": "d00d" * 8}, ["body", "dataset_id"], f"'{'d00d' * 8}' not found"),
+        ({"kind": "baseline", "dataset_id": "d\x00d"}, ["body", "dataset_id"], "should match pattern"),
         ({"kind": "baseline", "nprocs": 0}, ["body", "nprocs"], "greater than or equal to 1"),
+        ({"kind": "baseline", "nprocs": "2"}, ["body", "nprocs"], "valid integer"),
         ({"kind": "sideways"}, ["body", "kind"], "baseline"),
         ({"kind": "baseline", "colour": "red"}, ["body", "colour"], "Extra inputs"),
     ],
@@ -159,6 +171,34 @@ def test_bad_job_requests(client: TestClient, settings: Settings, dataset_id: st
     errors = response.json()["detail"]
     assert any(e["loc"] == loc and text in e["msg"] for e in errors), errors
     assert queued_messages(settings) == []
+
+
+def test_nan_in_a_config_is_422_not_500(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    # Python's json writes NaN/Infinity literals, as some clients do.
+    body = json.dumps(
+        {"kind": "baseline", "dataset_id": dataset_id, "config": {"lr": float("nan"), "alpha": float("inf")}}
+    )
+    response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert {tuple(e["loc"]) for e in response.json()["detail"]} >= {
+        ("body", "config", "lr"),
+        ("body", "config", "alpha"),
+    }
+    assert queued_messages(settings) == []
+
+
+@pytest.mark.parametrize("bad_id", ["a%00b", "abc", "ABCDEF" + "0" * 26])
+def test_malformed_ids_are_404_on_every_resource(client: TestClient, bad_id: str) -> None:
+    for path in (f"/v1/jobs/{bad_id}", f"/v1/datasets/{bad_id}", f"/v1/checkpoints/{bad_id}/download"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_control_characters_in_names_are_422(client: TestClient, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "ds", n=4)
+    for name in ("a\x00b", "evil\u202etxt.pt"):
+        response = client.post("/v1/datasets", data={"uri": folder.as_uri(), "name": name})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["msg"] == "must not contain control characters"
 
 
 def test_unknown_job_is_404(client: TestClient) -> None:
