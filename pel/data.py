@@ -13,6 +13,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -84,12 +85,17 @@ def num_classes_for(target: str) -> int:
     raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
 
 
-def open_dataset(root: str | Path) -> DatasetIndex:
+def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
     """Index the dataset at ``root`` and check it can be trained on, reading only the file headers.
 
     Raises :class:`DatasetError` for a missing ``images/`` or ``masks/`` folder, no images, unsupported or
     unreadable files, images without masks (or masks without images), image/mask size mismatches, images with
-    different channel counts, and a malformed ``splits.json`` (including ids it names that do not exist).
+    different channel counts, a malformed ``splits.json`` (including ids it names that do not exist) and an empty
+    train, val or test split (from ``splits.json``, or from the default split of fewer than 3 images).
+
+    With ``verify=True`` every image and mask is also decoded once, as :func:`load_split` reads them, so
+    truncated or corrupt pixel data and invalid mask values (negative, non-integer or NaN labels) are caught
+    here rather than when a job loads the split; the error names the file and the problem.
     """
     root = Path(root)
     if not root.is_dir():
@@ -136,6 +142,9 @@ def open_dataset(root: str | Path) -> DatasetIndex:
         raise DatasetError(f"images in {folders['images']} have different channel counts ({detail})")
 
     splits = _read_splits(root, ids)
+    if verify:
+        for sample_id in ids:
+            _verify_pair(sample_id, image_paths[sample_id], mask_paths[sample_id])
     return DatasetIndex(
         root=root,
         ids=ids,
@@ -248,23 +257,31 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
 
 
 def _extract_zip(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        members = zf.infolist()
-        for info in members:
-            _check_member_name(archive, info.filename)
-            mode = info.external_attr >> 16  # Unix mode when the archiver recorded one; the type bits may be 0
-            if stat.S_ISLNK(mode):
-                raise DatasetError(f"{archive}: member {info.filename!r} is a symbolic link; links are not allowed")
-            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise DatasetError(f"{archive}: member {info.filename!r} is not a regular file or folder")
-        for info in members:
-            target = dest.joinpath(*_parts(info.filename))
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 20)
+    member = None
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for info in members:
+                _check_member_name(archive, info.filename)
+                mode = info.external_attr >> 16  # Unix mode when the archiver recorded one; the type bits may be 0
+                if stat.S_ISLNK(mode):
+                    raise DatasetError(f"{archive}: member {info.filename!r} is a symbolic link; links are not allowed")
+                if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise DatasetError(f"{archive}: member {info.filename!r} is not a regular file or folder")
+            for info in members:
+                member = info.filename
+                target = dest.joinpath(*_parts(info.filename))
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        # A file and a folder with the same name (FileExistsError, NotADirectoryError...), a damaged member
+        # ("Bad CRC-32", zlib errors, truncation), an unsupported compression method or an encrypted member.
+        where = f"cannot extract member {member!r}" if member is not None else "cannot read the zip archive"
+        raise DatasetError(f"{archive}: {where} ({type(exc).__name__}: {exc})") from None
 
 
 def _extract_tar(archive: Path, dest: Path) -> None:
@@ -377,10 +394,30 @@ def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
         raise DatasetError(f"unreadable file {path}: {type(exc).__name__}: {exc}") from None
 
 
+def _verify_pair(sample_id: str, image_path: Path, mask_path: Path) -> None:
+    """Decode one pair as :func:`load_split` does (the readers raise for bad pixels and labels); compare sizes."""
+    image = read_image(image_path)
+    labels = read_mask(mask_path)
+    if image.shape[1:] != labels.shape:
+        raise DatasetError(
+            f"image/mask size mismatch for {sample_id!r}: {image_path} is {_hw(image.shape[1:])} but "
+            f"{mask_path} is {_hw(labels.shape)}"
+        )
+
+
 def _read_splits(root: Path, ids: list[str]) -> dict[str, list[str]]:
     path = root / "splits.json"
     if not path.is_file():
-        return _default_splits(ids)
+        splits = _default_splits(ids)
+        for split in SPLITS:
+            if not splits[split]:
+                raise DatasetError(
+                    f'dataset {root} has only {len(ids)} image(s), so the default split leaves "{split}" empty; '
+                    "train, val and test each need at least one image: add images (3 or more) or a splits.json "
+                    'that sets them ({"train": [...], "val": [...], "test": [...]}, ids are file names '
+                    "without extension)"
+                )
+        return splits
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -404,11 +441,22 @@ def _read_splits(root: Path, ids: list[str]) -> dict[str, list[str]]:
                 raise DatasetError(f'{path}: id {m!r} is listed in both "{seen[m]}" and "{split}"')
             seen[m] = split
         splits[split] = list(members)
+    for split in SPLITS:
+        if not splits[split]:
+            raise DatasetError(
+                f'{path}: "{split}" is empty; train, val and test each need at least one image id '
+                f"(the dataset has {len(ids)} image(s)); list some in splits.json"
+            )
     return splits
 
 
 def _default_splits(ids: list[str]) -> dict[str, list[str]]:
-    """Deterministic 70/15/15 split of the sorted ids; val and test get at least one id when there are 3."""
+    """Deterministic 70/15/15 split of a seeded shuffle of the sorted ids (rounded).
+
+    With 3 or more ids every split gets at least one (val and test take ``max(1, round(0.15 n))`` each, train
+    the rest: 3 → 1/1/1, 4 → 2/1/1, 6 → 4/1/1, 20 → 14/3/3); with 1 or 2 ids val and test are empty, which
+    :func:`open_dataset` rejects.
+    """
     order = [ids[i] for i in np.random.default_rng(_DEFAULT_SPLIT_SEED).permutation(len(ids))]
     n = len(order)
     n_val = max(1, round(0.15 * n)) if n >= 3 else 0

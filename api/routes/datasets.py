@@ -40,7 +40,7 @@ def index_archive(archive: Path, loc: tuple[str, ...], tmp_root: Path) -> Datase
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dataset-", dir=tmp_root) as tmp:
         try:
-            return open_dataset(extract_archive(archive, Path(tmp)))
+            return open_dataset(extract_archive(archive, Path(tmp)), verify=True)
         except DatasetError as exc:
             # Name files inside the archive, not the server's scratch folder.
             message = str(exc).replace(f"{tmp}/", "").replace(tmp, "the archive")
@@ -84,7 +84,7 @@ def _index_uri(uri: str, settings: Settings) -> tuple[str, DatasetIndex]:
         uri = normalise_uri(uri)
         if uri.startswith("file:") and file_uri_path(uri).is_dir():
             try:
-                return uri, open_dataset(file_uri_path(uri))
+                return uri, open_dataset(file_uri_path(uri), verify=True)
             except DatasetError as exc:
                 raise InvalidField(loc, str(exc), kind="invalid_dataset") from None
         with tempfile.TemporaryDirectory(prefix="fetch-", dir=tmp_root) as tmp:

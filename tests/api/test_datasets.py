@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,36 @@ def _bad_splits(folder: Path) -> None:
     (folder / "splits.json").write_text('{"train": ["ghost"], "val": [], "test": []}')
 
 
+def _empty_test_split(folder: Path) -> None:
+    (folder / "splits.json").write_text('{"train": ["img00", "img01", "img02"], "val": ["img03"], "test": []}')
+
+
+def _two_images_no_splits(folder: Path) -> None:
+    for name in ("img02", "img03"):
+        (folder / "images" / f"{name}.png").unlink()
+        (folder / "masks" / f"{name}.png").unlink()
+    (folder / "splits.json").unlink()
+
+
+def _float_mask(value: float) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        import numpy as np
+        import tifffile
+
+        labels = np.zeros((48, 64), np.float32)
+        labels[10:20, 10:20] = value
+        (folder / "masks" / "img01.png").unlink()
+        tifffile.imwrite(folder / "masks" / "img01.tif", labels)
+
+    return damage
+
+
+def _truncated_png(folder: Path) -> None:
+    path = folder / "images" / "img01.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header still reads; the pixel data is cut
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -109,6 +140,11 @@ def _bad_splits(folder: Path) -> None:
         (_size_mismatch, "size mismatch"),
         (_no_masks_folder, "images/ and masks/"),
         (_bad_splits, "ghost"),
+        (_empty_test_split, '"test" is empty'),
+        (_two_images_no_splits, 'has only 2 image(s), so the default split leaves "val" empty'),
+        (_float_mask(-1.0), "masks/img01.tif holds negative labels"),
+        (_float_mask(float("nan")), "masks/img01.tif holds non-integer values"),
+        (_truncated_png, "broken/images/img01.png: OSError: image file is truncated"),
     ],
 )
 def test_invalid_datasets_are_422_with_the_reason(client: TestClient, tmp_path: Path, damage, message: str) -> None:
@@ -125,6 +161,30 @@ def test_invalid_datasets_are_422_with_the_reason(client: TestClient, tmp_path: 
     assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
     in_place = client.post("/v1/datasets", data={"uri": folder.as_uri()})
     assert in_place.status_code == 422 and message in in_place.json()["detail"][0]["msg"]
+
+
+def test_broken_zip_members_are_422(client: TestClient, tmp_path: Path) -> None:
+    import zipfile
+
+    clash = tmp_path / "clash.zip"
+    with zipfile.ZipFile(clash, "w") as archive:
+        archive.writestr("images", b"a file where a folder goes")
+        archive.writestr("images/x.png", b"x")
+    response = upload(client, clash)
+    assert response.status_code == 422, response.text
+    assert "cannot extract member 'images/x.png' (FileExistsError" in response.json()["detail"][0]["msg"]
+
+    corrupt = tmp_path / "corrupt.zip"
+    with zipfile.ZipFile(corrupt, "w") as archive:
+        archive.writestr("images/x.png", bytes(range(256)) * 16)
+    raw = bytearray(corrupt.read_bytes())
+    raw[30 + len("images/x.png") + 100] ^= 0xFF  # a byte of the (stored) member's data
+    corrupt.write_bytes(bytes(raw))
+    before = len(client.get("/v1/datasets", params={"limit": 1000}).json())
+    response = upload(client, corrupt)
+    assert response.status_code == 422, response.text
+    assert "cannot extract member 'images/x.png' (BadZipFile: Bad CRC-32" in response.json()["detail"][0]["msg"]
+    assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
 
 
 def test_not_an_archive(client: TestClient, tmp_path: Path) -> None:

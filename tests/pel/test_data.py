@@ -118,6 +118,15 @@ def test_num_classes_for() -> None:
 # ------------------------------------------------------------------------------------------------- file formats
 
 
+def _one_per_split(root: Path) -> None:
+    """Copy the pair ``a`` to ``b`` and ``c`` and write a splits.json with a in train, b in val and c in test."""
+    for folder in ("images", "masks"):
+        (source,) = (root / folder).glob("a.*")
+        for copy in ("b", "c"):
+            (root / folder / f"{copy}{source.suffix}").write_bytes(source.read_bytes())
+    (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
+
+
 def test_png_and_tiff_formats(tmp_path: Path) -> None:
     labels = blobs_mask((20, 30), [(10, 10)], 4)
     grey16 = (labels > 0).astype(np.uint16) * 4000 + 100
@@ -138,8 +147,8 @@ def test_png_and_tiff_formats(tmp_path: Path) -> None:
     expected_channels = {"grey16": 1, "grey8": 1, "rgb": 3, "rgba": 3, "tif16": 1, "tifrgb": 3}
     for name, channels in expected_channels.items():
         root = tmp_path / name
-        (root / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
-        index = open_dataset(root)
+        _one_per_split(root)
+        index = open_dataset(root, verify=True)
         assert index.channels == channels, name
         (sample,) = load_split(index, "train")
         assert sample.image.shape == (channels, 20, 30), name
@@ -223,10 +232,15 @@ def test_truncated_pixel_data_is_named_at_load(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "PNG")
     (tmp_path / "images" / "a.png").write_bytes(buffer.getvalue()[:200])  # header intact, pixels cut
-    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
-    index = open_dataset(tmp_path)
+    _pair(tmp_path, "b", shape=(64, 64))
+    _pair(tmp_path, "c", shape=(64, 64))
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
+    index = open_dataset(tmp_path)  # the header is fine; only decoding the pixels finds the damage
     with pytest.raises(DatasetError, match=r"unreadable file .*images/a\.png"):
         load_split(index, "train")
+    with pytest.raises(DatasetError, match=r"unreadable file .*images/a\.png: OSError: .*truncated") as info:
+        open_dataset(tmp_path, verify=True)
+    assert str(tmp_path / "images" / "a.png") in str(info.value)
 
 
 def test_unsupported_file_type_is_named(tmp_path: Path) -> None:
@@ -247,12 +261,97 @@ def test_mixed_channel_counts(tmp_path: Path) -> None:
 def test_bad_mask_values(tmp_path: Path) -> None:
     write_png(tmp_path / "images" / "a.png", np.zeros((8, 8), np.uint8))
     write_tiff(tmp_path / "masks" / "a.tif", np.full((8, 8), -1, np.int16))
-    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": [], "test": []}))
+    _pair(tmp_path, "b")
+    _pair(tmp_path, "c")
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
     with pytest.raises(DatasetError, match=r"mask .*a\.tif holds negative labels"):
         load_split(open_dataset(tmp_path), "train")
     write_tiff(tmp_path / "masks" / "a.tif", np.full((8, 8), 0.5, np.float32))
     with pytest.raises(DatasetError, match=r"mask .*a\.tif holds non-integer values"):
         load_split(open_dataset(tmp_path), "train")
+
+
+def _mask_values(kind: str) -> np.ndarray:
+    labels = blobs_mask((8, 8), [(4, 4)], 2).astype(np.float32)
+    if kind == "negative":
+        return (labels * -1).astype(np.int16)
+    if kind == "fraction":
+        labels[0, 0] = 0.5
+    elif kind == "nan":
+        labels[0, 0] = np.nan
+    elif kind == "inf":
+        labels[0, 0] = np.inf
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("negative", "holds negative labels"),
+        ("fraction", "holds non-integer values"),
+        ("nan", "holds non-integer values"),
+        ("inf", "holds non-integer values"),
+    ],
+)
+def test_verify_rejects_bad_mask_values(tmp_path: Path, kind: str, message: str) -> None:
+    _pair(tmp_path, "a")
+    _pair(tmp_path, "b")
+    _pair(tmp_path, "c")
+    write_png(tmp_path / "masks" / "b.png", blobs_mask((8, 8), [(4, 4)], 2).astype(np.uint8))
+    (tmp_path / "masks" / "a.png").unlink()
+    write_tiff(tmp_path / "masks" / "a.tif", _mask_values(kind))
+    index = open_dataset(tmp_path)  # headers alone look fine
+    assert index.ids == ["a", "b", "c"]
+    with pytest.raises(DatasetError, match=rf"mask .*masks/a\.tif {message}") as info:
+        open_dataset(tmp_path, verify=True)
+    assert str(tmp_path / "masks" / "a.tif") in str(info.value)
+
+
+def test_verify_accepts_good_data_and_float_masks_with_integer_values(tmp_path: Path) -> None:
+    root = synthetic_dataset(tmp_path, ["a", "b", "c", "d"], shape=(16, 16))
+    (root / "masks" / "d.png").unlink()
+    write_tiff(root / "masks" / "d.tif", blobs_mask((16, 16), [(8, 8)], 3).astype(np.float32))  # 0.0 and 1.0
+    plain, verified = open_dataset(root), open_dataset(root, verify=True)
+    assert verified == plain
+    assert [len(verified.splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+
+
+def test_real_bbbc039_verifies(bbbc039_root: Path) -> None:
+    index = open_dataset(bbbc039_root, verify=True)
+    assert len(index.ids) == 200 and index == open_dataset(bbbc039_root)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_default_split_of_fewer_than_three_images_is_rejected(tmp_path: Path, n: int) -> None:
+    for name in "ab"[:n]:
+        _pair(tmp_path, name)
+    with pytest.raises(DatasetError, match=rf'has only {n} image\(s\), so the default split leaves "val" empty') as e:
+        open_dataset(tmp_path)
+    assert "splits.json" in str(e.value)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6])
+def test_default_split_gives_every_split_an_image_from_three(tmp_path: Path, n: int) -> None:
+    for name in "abcdef"[:n]:
+        _pair(tmp_path, name)
+    sizes = {split: len(ids) for split, ids in open_dataset(tmp_path).splits.items()}
+    assert sizes == {"train": n - 2, "val": 1, "test": 1}
+
+
+@pytest.mark.parametrize(
+    ("splits", "empty"),
+    [
+        ({"train": [], "val": ["a"], "test": ["b"]}, "train"),
+        ({"train": ["a"], "val": [], "test": ["b"]}, "val"),
+        ({"train": ["a", "b"], "val": ["c"], "test": []}, "test"),
+    ],
+)
+def test_empty_split_in_splits_json_is_rejected(tmp_path: Path, splits: dict[str, list[str]], empty: str) -> None:
+    for name in "abc":
+        _pair(tmp_path, name)
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(DatasetError, match=rf'splits\.json: "{empty}" is empty; .*the dataset has 3 image\(s\)'):
+        open_dataset(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -375,6 +474,35 @@ def test_zip_symlink_is_rejected(tmp_path: Path) -> None:
         link.external_attr = (stat.S_IFLNK | 0o777) << 16
         zf.writestr(link, "/etc/passwd")
     with pytest.raises(DatasetError, match=r"'images/a\.png' is a symbolic link"):
+        extract_archive(archive, tmp_path / "out")
+
+
+def test_zip_with_a_file_and_a_folder_of_the_same_name(tmp_path: Path) -> None:
+    files = _dataset_files(tmp_path)
+    archive = _zip(tmp_path / "clash.zip", {"images": b"a file named like the folder", **files})
+    with pytest.raises(DatasetError, match=r"clash\.zip: cannot extract member 'images/a\.png' \(FileExistsError"):
+        extract_archive(archive, tmp_path / "out")
+    # The other order: the folder exists when the file of the same name is written.
+    archive = _zip(tmp_path / "clash2.zip", {**files, "images": b"x"})
+    with pytest.raises(DatasetError, match=r"clash2\.zip: cannot extract member 'images' \(IsADirectoryError"):
+        extract_archive(archive, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_with_a_corrupted_member(tmp_path: Path, compression: int) -> None:
+    payload = bytes(range(256)) * 64  # 16 KiB; deflate shrinks it but keeps it well above the flipped offset
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w", compression) as zf:
+        zf.writestr("images/a.png", b"fine")
+        zf.writestr("masks/a.png", payload)
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("masks/a.png")
+    # The data starts after the 30-byte local header, the name and the extra field; flip a byte well inside it.
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=r"bad\.zip: cannot extract member 'masks/a\.png' \(BadZipFile: Bad CRC-32"):
         extract_archive(archive, tmp_path / "out")
 
 
