@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -254,19 +254,25 @@ def ensure_dataset(client: PelTuneClient, data: Path) -> dict:
     return client.register_dataset(uri=uri, name="bbbc039")
 
 
+# (row title, how to read it from a summary's metrics); class index -1 is the foreground. Object rows compare
+# connected components of the predicted foreground with the instance masks.
+TABLE_ROWS: list[tuple[str, Callable[[dict], float]]] = [
+    ("Dice, foreground (pooled)", lambda m: m["dice"][-1]),
+    ("IoU, foreground (pooled)", lambda m: m["iou"][-1]),
+    ("Dice, foreground (mean per image)", lambda m: m["mean_image_dice"][-1]),
+    ("IoU, foreground (mean per image)", lambda m: m["mean_image_iou"][-1]),
+    ("nuclei F1 at IoU 0.5", lambda m: m["objects"]["f1"]),
+    ("nuclei panoptic quality", lambda m: m["objects"]["pq"]),
+    ("nuclei AJI", lambda m: m["objects"]["aji"]),
+]
+
+
 def fmt_table(before: dict, arms: dict[str, dict]) -> str:
-    """Rows of foreground metrics; a column for the starting model and one per fine-tuned arm, with the change."""
-    rows = [
-        ("Dice, foreground (pooled)", "dice"),
-        ("IoU, foreground (pooled)", "iou"),
-        ("Dice, foreground (mean per image)", "mean_image_dice"),
-        ("IoU, foreground (mean per image)", "mean_image_iou"),
-    ]
-    header = f"{'whole-image test metric':<36}{'before':>10}" + "".join(f"{name:>22}" for name in arms)
-    lines = [header]
-    for title, key in rows:
-        old = before[key][-1]
-        cells = "".join(f"{arm[key][-1]:>10.4f} ({100 * (arm[key][-1] - old):+.2f} pts)" for arm in arms.values())
+    """A column for the starting model and one per fine-tuned arm, with the change in points."""
+    lines = [f"{'whole-image test metric':<36}{'before':>10}" + "".join(f"{name:>22}" for name in arms)]
+    for title, read in TABLE_ROWS:
+        old = read(before)
+        cells = "".join(f"{read(arm):>10.4f} ({100 * (read(arm) - old):+.2f} pts)" for arm in arms.values())
         lines.append(f"{title:<36}{old:>10.4f}{cells}")
     return "\n".join(lines)
 

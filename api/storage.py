@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,37 +126,32 @@ class S3Store:
         return f"s3://{self.bucket}/{self.key(key)}"
 
     def put_file(self, key: str, path: Path) -> str:
-        self.client.upload_file(str(path), self.bucket, self.key(key), Config=self._transfer)
+        from boto3.exceptions import S3UploadFailedError
+
+        with _s3_errors(self.uri(key)):
+            try:
+                self.client.upload_file(str(path), self.bucket, self.key(key), Config=self._transfer)
+            except S3UploadFailedError as exc:
+                raise StorageError(f"{self.uri(key)}: {exc}") from exc
         return self.uri(key)
 
     def get_file(self, key: str, dest: Path) -> Path:
-        from botocore.exceptions import ClientError
-
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self.key(key), partial, Config=self._transfer)
+            with _s3_errors(self.uri(key)):
+                self.client.download_file(self.bucket, self.key(key), partial, Config=self._transfer)
             os.replace(partial, dest)
-        except ClientError as exc:
-            if _is_not_found(exc):
-                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
-            raise
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
         return dest
 
     def open_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        from botocore.exceptions import ClientError
-
-        try:
+        with _s3_errors(self.uri(key)):
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(key))["Body"]
-        except ClientError as exc:
-            if _is_not_found(exc):
-                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
-            raise
 
         def chunks() -> Iterator[bytes]:
             try:
@@ -173,14 +169,24 @@ class S3Store:
         return True
 
     def size(self, key: str) -> int:
-        from botocore.exceptions import ClientError
-
-        try:
+        with _s3_errors(self.uri(key)):
             return int(self.client.head_object(Bucket=self.bucket, Key=self.key(key))["ContentLength"])
-        except ClientError as exc:
-            if _is_not_found(exc):
-                raise ObjectNotFound(f"no object at {self.uri(key)}") from exc
-            raise
+
+
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Every boto3 failure as our own error: a missing object is ObjectNotFound, anything else (denied, no
+    credentials, endpoint unreachable) a StorageError naming the object, so callers never see botocore types."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        if _is_not_found(exc):
+            raise ObjectNotFound(f"no object at {uri}") from exc
+        raise StorageError(f"{uri}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
 
 
 @lru_cache(maxsize=8)

@@ -69,11 +69,13 @@ class DatasetIndex:
 
 @dataclass
 class Sample:
-    """One loaded pair: ``image`` (C, H, W) float32 in [0, 1] and ``mask`` (H, W) int64 target classes."""
+    """One loaded pair: ``image`` (C, H, W) float32 in [0, 1] and ``mask`` (H, W) int64 target classes;
+    ``instances`` (H, W) int32 holds the mask file's own labels (nuclei ids) when asked for, for object metrics."""
 
     id: str
     image: np.ndarray
     mask: np.ndarray = field(repr=False)
+    instances: np.ndarray | None = field(default=None, repr=False)
 
 
 def num_classes_for(target: str) -> int:
@@ -155,8 +157,11 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
     )
 
 
-def load_split(index: DatasetIndex, split: str, target: str = "binary") -> list[Sample]:
-    """Load and normalise the images of ``split`` (in the split's order) with their ``target`` masks."""
+def load_split(
+    index: DatasetIndex, split: str, target: str = "binary", *, with_instances: bool = False
+) -> list[Sample]:
+    """Load and normalise the images of ``split`` (in the split's order) with their ``target`` masks, and with
+    the mask files' instance labels when ``with_instances`` (evaluation splits only: they cost memory)."""
     num_classes_for(target)  # validates the target name before any file is read
     if split not in index.splits:
         raise DatasetError(f"unknown split {split!r} (the dataset has {', '.join(index.splits)})")
@@ -169,7 +174,8 @@ def load_split(index: DatasetIndex, split: str, target: str = "binary") -> list[
                 f"image/mask size mismatch for {sample_id!r}: {index.image_paths[sample_id]} is "
                 f"{_hw(image.shape[1:])} but {index.mask_paths[sample_id]} is {_hw(labels.shape)}"
             )
-        samples.append(Sample(id=sample_id, image=image, mask=make_target(labels, target)))
+        instances = labels.astype(np.int32) if with_instances else None
+        samples.append(Sample(id=sample_id, image=image, mask=make_target(labels, target), instances=instances))
     return samples
 
 

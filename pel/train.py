@@ -35,7 +35,7 @@ from pel.checkpoint import load_checkpoint, save_checkpoint
 from pel.data import TARGETS, DatasetError, Sample, load_split, num_classes_for, open_dataset
 from pel.inference import sliding_window_predict
 from pel.losses import CompoundLoss
-from pel.metrics import SegmentationMetrics
+from pel.metrics import ObjectMetrics, SegmentationMetrics, label_instances
 from pel.models import UNet, UNetConfig
 from pel.patches import crop, pad_to_min, random_positions
 
@@ -240,7 +240,7 @@ class _Trainer:
         self.train_samples = load_split(self.index, "train", config.target)
         val_ids = self.index.splits["val"][: config.val_images]
         self.val_shard = self._load_shard("val", val_ids)
-        self.test_shard = self._load_shard("test", self.index.splits["test"])
+        self.test_shard = self._load_shard("test", self.index.splits["test"], with_instances=True)
         p = config.patch_size
         self.images = [pad_to_min(s.image, (p, p)) for s in self.train_samples]
         self.masks = [pad_to_min(s.mask, (p, p)) for s in self.train_samples]
@@ -265,9 +265,10 @@ class _Trainer:
             model = UNet(UNetConfig.from_dict(arch))
         return model.to(self.info.device)
 
-    def _load_shard(self, split: str, ids: list[str]) -> list[Sample]:
+    def _load_shard(self, split: str, ids: list[str], *, with_instances: bool = False) -> list[Sample]:
         shard = ids[self.info.rank :: self.info.world_size]
-        return load_split(dataclasses.replace(self.index, splits={split: shard}), split, self.config.target)
+        index = dataclasses.replace(self.index, splits={split: shard})
+        return load_split(index, split, self.config.target, with_instances=with_instances)
 
     def run(self) -> dict[str, Any] | None:
         cfg = self.config
@@ -488,14 +489,30 @@ class _Trainer:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
         metrics = SegmentationMetrics(self.num_classes)
+        # Object metrics when the shard carries instance labels (the test split): nuclei users judge by objects.
+        objects = ObjectMetrics() if shard and shard[0].instances is not None else None
         window = max(self.config.patch_size, MIN_EVAL_PATCH)
         for sample in shard:
             image = torch.from_numpy(sample.image).to(self.info.device)
             probs = sliding_window_predict(
                 self.model, image, patch=window, overlap=self.config.eval_overlap, batch_size=EVAL_BATCH
             )
-            metrics.update(probs.argmax(0), sample.mask)
-        return metrics.compute()
+            pred = probs.argmax(0)
+            metrics.update(pred, sample.mask)
+            if objects is not None:
+                # Predicted objects: connected components of class 1 (foreground, or the interior when a boundary
+                # class separates touching nuclei).
+                objects.update(label_instances(pred.cpu().numpy() == 1), sample.instances)
+        result = metrics.compute()
+        if self.info.distributed:
+            # Every rank must join the collective in compute() even with an empty shard.
+            has_objects = torch.tensor([objects is not None], dtype=torch.int64, device=self.info.device)
+            dist.all_reduce(has_objects, op=dist.ReduceOp.MAX)
+            if has_objects.item() and objects is None:
+                objects = ObjectMetrics()
+        if objects is not None:
+            result["objects"] = objects.compute()
+        return result
 
 
 def _foreground_dice(metrics: dict[str, Any]) -> float:

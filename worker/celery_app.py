@@ -21,6 +21,8 @@ options:
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any
 
 from celery import Celery
@@ -58,13 +60,27 @@ def _broker_folders(**_: Any) -> None:
 def _fresh_database_connections(**_: Any) -> None:
     # A pool child inherits the parent's engine and its open sockets; sharing them corrupts both sides.
     dispose_engines()
+    _start_stale_job_reaper()
 
 
 @worker_ready.connect
 def _reap_stale_jobs(**_: Any) -> None:
-    from worker.tasks import reap_stale_jobs
+    _start_stale_job_reaper()
 
-    try:
-        reap_stale_jobs(get_settings())
-    except Exception:  # the database may not be migrated yet; the next job start tries again
-        log.exception("could not check for stale running jobs")
+
+_reaper_pid: int | None = None
+_reaper_lock = threading.Lock()
+
+
+def _start_stale_job_reaper() -> None:
+    """Every worker process fails stale running jobs periodically (a daemon thread; once per process: threads do
+    not survive a fork, so a pool child starts its own). An idle worker thus fails a killed worker's job once its
+    heartbeat is Settings.heartbeat_timeout_s stale, without waiting for a new job or a worker start."""
+    global _reaper_pid
+    with _reaper_lock:
+        if _reaper_pid == os.getpid():
+            return
+        _reaper_pid = os.getpid()
+    from worker.tasks import start_reaper
+
+    start_reaper(get_settings())

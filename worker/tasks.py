@@ -3,7 +3,8 @@
 1. Claim the row (conditional UPDATE queued -> running). A redelivered message, or a second worker, finds it
    claimed and exits without touching it.
 2. Stage inputs into ``{work_dir}/{job_id}``: the dataset (an archive is downloaded and unpacked; a ``file://``
-   folder is used in place) and, for a fine-tune, the init checkpoint; write ``config.json`` (a TrainConfig).
+   folder is used in place) and, for a fine-tune, the init checkpoint (always copied, and its size and sha256
+   checked against its row: a changed checkpoint fails the job); write ``config.json`` (a TrainConfig).
 3. Launch ``worker.train_entry`` (1 process, or torchrun with N ranks) in its own process group, output to
    ``train.log``, and follow ``out/metrics.jsonl`` into SQL every poll (metric points, step, progress, heartbeat).
 4. Exit 0: upload ``model.pt`` as a new Checkpoint row and store ``summary.json`` on the job -> succeeded.
@@ -34,7 +35,7 @@ from api.db.models import JobKind, JobStatus, new_id
 from api.db.session import get_sessionmaker, session_scope
 from api.queue import RUN_JOB_TASK
 from api.settings import Settings, get_settings
-from api.storage import StorageError, file_digest, file_uri_path, get_store, localize
+from api.storage import StorageError, file_digest, file_uri_path, get_store, localize, store_for_uri
 from pel.data import DatasetError, extract_archive
 from pel.train import TrainConfig
 from worker.celery_app import app
@@ -94,6 +95,9 @@ class JobSpec:
     dataset_name: str
     checkpoint_uri: str | None
     checkpoint_name: str | None
+    checkpoint_id: str | None = None
+    checkpoint_size: int | None = None
+    checkpoint_sha256: str | None = None
 
     @property
     def input_name(self) -> str:
@@ -161,6 +165,35 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     return reaped
 
 
+def reaper_interval_s(settings: Settings) -> float:
+    """How often a worker looks for stale jobs: often enough that one is failed soon after its heartbeat timeout."""
+    return min(60.0, settings.heartbeat_timeout_s / 2)
+
+
+def reap_periodically(settings: Settings, stop: threading.Event, interval_s: float | None = None) -> None:
+    """Run the stale-job reaper now and then every interval until stop is set. Every worker process runs this in a
+    daemon thread, so a job whose worker was killed is failed on time even when no worker starts another job. A
+    database error (not migrated yet, down for a moment) is logged and tried again at the next round."""
+    interval = reaper_interval_s(settings) if interval_s is None else interval_s
+    while True:
+        try:
+            reap_stale_jobs(settings)
+        except Exception as exc:
+            log.warning("could not check for stale running jobs (will retry in %.0f s): %s", interval, exc)
+        if stop.wait(interval):
+            return
+
+
+def start_reaper(settings: Settings, interval_s: float | None = None) -> tuple[threading.Thread, threading.Event]:
+    """Start reap_periodically in a daemon thread; set the returned event to stop it."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=reap_periodically, args=(settings, stop, interval_s), name="stale-job-reaper", daemon=True
+    )
+    thread.start()
+    return thread, stop
+
+
 def load_spec(job_id: str, settings: Settings) -> JobSpec:
     with session_scope(settings.database_url) as session:
         job = crud.get_job(session, job_id=job_id)
@@ -182,6 +215,9 @@ def load_spec(job_id: str, settings: Settings) -> JobSpec:
             dataset_name=dataset.name,
             checkpoint_uri=checkpoint.uri if checkpoint else None,
             checkpoint_name=checkpoint.name if checkpoint else None,
+            checkpoint_id=checkpoint.id if checkpoint else None,
+            checkpoint_size=checkpoint.size_bytes if checkpoint else None,
+            checkpoint_sha256=checkpoint.sha256 if checkpoint else None,
         )
 
 
@@ -216,11 +252,25 @@ def stage_inputs(spec: JobSpec, inputs: Path, settings: Settings) -> tuple[Path,
                 archive.unlink()  # a downloaded copy; the unpacked folder is all training needs
         init = None
         if spec.kind is JobKind.finetune:
-            assert spec.checkpoint_uri is not None
-            init = localize(spec.checkpoint_uri, inputs / "checkpoint", settings)
+            init = stage_checkpoint(spec, inputs / "checkpoint", settings)
     except (StorageError, DatasetError) as exc:
         raise JobFailed(f"could not stage the job's inputs: {exc}") from None
     return dataset_dir, init
+
+
+def stage_checkpoint(spec: JobSpec, dest_dir: Path, settings: Settings) -> Path:
+    """Copy the init checkpoint into the job's folder (never used in place, even from ``file://``) and check the
+    copy's size and sha256 against the row: training only ever reads bytes that match what was registered."""
+    assert spec.checkpoint_uri is not None
+    store, key = store_for_uri(spec.checkpoint_uri, settings)
+    path = store.get_file(key, dest_dir / (Path(key).name or "model.pt"))
+    size, sha256 = file_digest(path)
+    if sha256 != spec.checkpoint_sha256 or size != spec.checkpoint_size:
+        raise JobFailed(
+            f"checkpoint {spec.checkpoint_id} changed since it was registered (sha256 {sha256}, {size} bytes; "
+            f"registered sha256 {spec.checkpoint_sha256}, {spec.checkpoint_size} bytes)"
+        )
+    return path
 
 
 def write_config(spec: JobSpec, path: Path) -> Path:

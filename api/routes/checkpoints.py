@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,11 +13,20 @@ from fastapi.responses import StreamingResponse
 from api.db import crud
 from api.db.models import Checkpoint, new_id
 from api.deps import CheckpointDep, SessionDep, SettingsDep, StoreDep, UploadFormDep
-from api.errors import InvalidField
+from api.errors import Conflict, InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
 from api.schemas import CheckpointOut
 from api.settings import Settings
-from api.storage import ObjectNotFound, StorageError, file_digest, localize, normalise_uri, store_for_uri
+from api.storage import (
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    file_digest,
+    file_uri_path,
+    localize,
+    normalise_uri,
+    store_for_uri,
+)
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
@@ -42,7 +52,12 @@ NOT_A_CHECKPOINT = "not a PyTorch checkpoint (expected a torch.save zip file con
 def register_checkpoint(
     form: UploadFormDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> CheckpointOut:
-    """Upload a checkpoint (multipart ``file``) or register one already in an object store (``uri``)."""
+    """Upload a checkpoint (multipart ``file``) or register one by ``uri``.
+
+    A ``file://`` checkpoint is copied into the object store, as an upload is (the row's uri is the store's): a
+    later change at the source path (a rewrite, a symlink swapped in) can reach neither downloads nor jobs. An
+    ``s3://`` checkpoint is registered in place; its sha256 and size are recorded and every job verifies them.
+    """
     kind, uri = source_of(form)
     checkpoint_id = new_id()
     if kind == "file":
@@ -55,8 +70,9 @@ def register_checkpoint(
         size, sha256 = form.file.size, form.file.sha256
     else:
         assert uri is not None
-        stored_uri, size, sha256 = _inspect_checkpoint_uri(uri, settings)
-        name = display_name(form.text("name"), stored_uri, (".pt", ".pth", ".ckpt"))
+        stored_uri, size, sha256 = _inspect_checkpoint_uri(uri, settings, store, checkpoint_id)
+        source = str(file_uri_path(normalise_uri(uri))) if uri.strip().startswith("file:") else uri.strip()
+        name = display_name(form.text("name"), source, (".pt", ".pth", ".ckpt"))
     checkpoint = crud.create_checkpoint(
         session, checkpoint_id=checkpoint_id, name=name, uri=stored_uri, size_bytes=size, sha256=sha256
     )
@@ -64,15 +80,32 @@ def register_checkpoint(
     return CheckpointOut.model_validate(checkpoint)
 
 
-def _inspect_checkpoint_uri(uri: str, settings: Settings) -> tuple[str, int, str]:
+def _inspect_checkpoint_uri(
+    uri: str, settings: Settings, store: ObjectStore, checkpoint_id: str
+) -> tuple[str, int, str]:
+    """(stored uri, size, sha256). A ``file://`` source is copied once, checked and digested as that copy, and the
+    copy is what goes into the store (no window between the check and the copy for the source to change)."""
     try:
         uri = normalise_uri(uri)
         settings.home.joinpath("tmp").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as tmp:
-            path = localize(uri, Path(tmp), settings)
+            if uri.startswith("file:"):
+                source = file_uri_path(uri)
+                if not source.is_file():
+                    raise ObjectNotFound(f"no file at {uri}")
+                path = Path(tmp) / "checkpoint"
+                try:
+                    shutil.copyfile(source, path)
+                except OSError as exc:
+                    raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
+            else:
+                path = localize(uri, Path(tmp), settings)
             if not is_torch_file(path):
                 raise InvalidField(("body", "uri"), f"{uri}: {NOT_A_CHECKPOINT}", kind="invalid_checkpoint")
             size, sha256 = file_digest(path)
+            if uri.startswith("file:"):
+                key = f"checkpoints/{checkpoint_id}/{safe_name(file_uri_path(uri).name, 'model.pt')}"
+                uri = store.put_file(key, path)
     except ObjectNotFound as exc:
         raise InvalidField(("body", "uri"), str(exc), kind="not_found") from None
     except StorageError as exc:
@@ -102,9 +135,18 @@ def download_checkpoint(checkpoint: CheckpointDep, settings: SettingsDep) -> Str
 
 
 def checkpoint_stream(checkpoint: Checkpoint, settings: Settings) -> StreamingResponse:
-    """Stream a checkpoint from its store in 1 MiB chunks; it is never held in memory whole."""
+    """Stream a checkpoint from its store in 1 MiB chunks; it is never held in memory whole.
+
+    The ETag is the sha256 recorded at registration. The bytes are not re-hashed here (that would mean reading the
+    whole object before sending it); an object whose size no longer matches the row is refused with 409, and jobs
+    verify size and sha256 of every checkpoint they stage."""
     store, key = store_for_uri(checkpoint.uri, settings)
     size = store.size(key)  # the object's real size: Content-Length must match the bytes we send
+    if size != checkpoint.size_bytes:
+        raise Conflict(
+            f"checkpoint {checkpoint.id} changed since it was registered "
+            f"(size {size} bytes, registered {checkpoint.size_bytes} bytes)"
+        )
     filename = safe_name(checkpoint.name, "model") + ".pt"
     return StreamingResponse(
         store.open_stream(key),

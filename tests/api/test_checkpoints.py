@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.settings import Settings
+from api.storage import file_uri_path
 from tests.factories import make_checkpoint, make_foreign_torch_file
 from tests.services import S3_BUCKET, s3_client
 
@@ -47,12 +48,33 @@ def test_name_can_be_given(client: TestClient, tmp_path: Path) -> None:
     assert response.json()["name"] == "my baseline"
 
 
-def test_register_by_file_uri_without_copying(client: TestClient, tmp_path: Path) -> None:
+def test_register_by_file_uri_copies_into_the_store(client: TestClient, settings: Settings, tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "in place.pt")
     response = client.post("/v1/checkpoints", data={"uri": path.as_uri()})
     assert response.status_code == 201, response.text
-    assert response.json()["uri"] == path.as_uri()
-    assert response.json()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    body = response.json()
+    assert body["uri"].startswith((settings.home / "objects").as_uri())
+    assert body["name"] == "in place"
+    assert body["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert body["size_bytes"] == path.stat().st_size
+
+
+def test_a_file_uri_source_changed_later_cannot_reach_the_download(client: TestClient, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "x.pt")
+    original = path.read_bytes()
+    response = client.post("/v1/checkpoints", data={"uri": path.as_uri()})
+    assert response.status_code == 201, response.text
+    checkpoint_id = response.json()["id"]
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    path.unlink()
+    path.symlink_to(secret)  # the registered path now points at something else
+
+    download = client.get(f"/v1/checkpoints/{checkpoint_id}/download")
+    assert download.status_code == 200
+    assert download.content == original
+    assert download.headers["etag"] == f'"{hashlib.sha256(original).hexdigest()}"'
 
 
 def test_register_by_s3_uri(client: TestClient, s3_endpoint: str, settings: Settings, tmp_path: Path) -> None:
@@ -163,3 +185,12 @@ def test_oversize_by_content_length_is_refused_before_reading(settings: Settings
             headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(50 * 1024 * 1024)},
         )
     assert response.status_code == 413
+
+
+def test_a_stored_object_of_another_size_is_not_served(client: TestClient, tmp_path: Path) -> None:
+    body = upload(client, make_checkpoint(tmp_path / "m.pt")).json()
+    stored = file_uri_path(body["uri"])
+    stored.write_bytes(stored.read_bytes() + b"appended later")
+    response = client.get(f"/v1/checkpoints/{body['id']}/download")
+    assert response.status_code == 409
+    assert f"checkpoint {body['id']} changed since it was registered" in response.json()["detail"]

@@ -105,3 +105,38 @@ def test_localize_uses_local_files_in_place(tmp_path: Path) -> None:
     assert not (tmp_path / "scratch").exists()
     with pytest.raises(ObjectNotFound):
         localize((tmp_path / "missing").as_uri(), tmp_path / "scratch")
+
+
+def test_s3_failures_are_storage_errors_naming_the_object(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+    from botocore.config import Config
+
+    source = tmp_path / "x.bin"
+    source.write_bytes(b"x")
+    # No credentials anywhere: boto3 raises NoCredentialsError, which the API used to answer with a 500.
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    anonymous = boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    unreachable = boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s").client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    for client in (anonymous, unreachable):
+        store = S3Store(S3_BUCKET, "p", client=client)
+        calls = [
+            (store.size, ("k",)),
+            (store.get_file, ("k", tmp_path / "out")),
+            (store.put_file, ("k", source)),
+            (store.open_stream, ("k",)),
+        ]
+        for method, args in calls:
+            with pytest.raises(StorageError, match=f"s3://{S3_BUCKET}/p/k") as caught:
+                method(*args)
+            assert not isinstance(caught.value, ObjectNotFound)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from pel.checkpoint import load_checkpoint
-from pel.data import load_split, open_dataset
+from pel.data import load_split, open_dataset, read_mask
 from pel.inference import sliding_window_predict
-from pel.metrics import SegmentationMetrics
+from pel.metrics import ObjectMetrics, SegmentationMetrics, label_instances
 from pel.train import MIN_EVAL_PATCH, SNAPSHOT, TrainConfig, train
 from tests.conftest import REPO_ROOT
 from tests.pel.factories import real_subset
@@ -34,7 +34,7 @@ TINY = {"patch_size": 64, "batch_size": 4, "model": {"width": 4, "depth": 2}}
 # of test metrics involve both classes.
 FAST_LR = 3e-2
 SUMMARY_KEYS = {"test_before", "test_after", "best_step", "best_val_dice", "steps", "num_classes"}
-METRIC_KEYS = {"dice", "iou", "mean_image_dice", "mean_image_iou", "num_images"}
+METRIC_KEYS = {"dice", "iou", "mean_image_dice", "mean_image_iou", "num_images", "objects"}
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,13 @@ def _assert_same_metrics(actual: dict[str, Any], expected: dict[str, Any], tol: 
 def _test_metrics(model_path: Path, dataset: Path, patch: int) -> dict[str, Any]:
     """Stitched whole-image metrics of a saved model on the test split, computed here independently."""
     model, _ = load_checkpoint(model_path)
-    metrics = SegmentationMetrics(2)
+    metrics, objects = SegmentationMetrics(2), ObjectMetrics()
     for sample in load_split(open_dataset(dataset), "test"):
         probs = sliding_window_predict(model, torch.from_numpy(sample.image), patch=max(patch, MIN_EVAL_PATCH))
         metrics.update(probs.argmax(0), sample.mask)
-    return metrics.compute()
+        true_nuclei = read_mask(dataset / "masks" / f"{sample.id}.png")  # the instance labels, straight from disk
+        objects.update(label_instances(probs.argmax(0).numpy() == 1), true_nuclei)
+    return {**metrics.compute(), "objects": objects.compute()}
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -224,6 +226,12 @@ def test_baseline_learns_better_than_chance(real_dataset: Path, tmp_path: Path) 
     trivial = 2 * f / (1 + f)
     assert summary["best_val_dice"] > trivial + 0.4
     assert summary["test_after"]["dice"][1] > trivial + 0.4
+    # Object metrics count the real nuclei of the test masks, and a model this good finds some of them.
+    objects = summary["test_after"]["objects"]
+    test_ids = open_dataset(real_dataset).splits["test"]
+    nuclei = sum(len(np.unique(read_mask(real_dataset / "masks" / f"{i}.png"))) - 1 for i in test_ids)
+    assert objects["num_true"] == nuclei and objects["num_images"] == len(test_ids)
+    assert objects["tp"] > 0 and 0 < objects["f1"] <= 1 and 0 < objects["aji"] <= 1
 
 
 # ----------------------------------------------------------------------------------------------------- torchrun

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,10 +16,20 @@ from api.db import crud
 from api.db.models import Checkpoint, JobKind, JobStatus, MetricPoint, utcnow
 from api.db.session import session_scope
 from api.settings import Settings
-from api.storage import get_store
+from api.storage import file_digest, file_uri_path, get_store
 from tests.factories import make_archive, make_checkpoint, make_dataset, make_foreign_torch_file
-from tests.services import alembic_upgrade_head
-from worker.tasks import Heartbeat, MetricsFollower, execute_job, failure_reason, reap_stale_jobs
+from tests.services import alembic_upgrade_head, running, wait_until
+from worker.tasks import (
+    Heartbeat,
+    MetricsFollower,
+    execute_job,
+    failure_reason,
+    reap_periodically,
+    reap_stale_jobs,
+    reaper_interval_s,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "loss": "dice_ce",
@@ -46,7 +59,10 @@ def add_job(settings: Settings, *, kind: JobKind, dataset_uri: str, checkpoint_u
         dataset = crud.create_dataset(session, name="synthetic", uri=dataset_uri, num_images=6, splits={})
         checkpoint = None
         if checkpoint_uri is not None:
-            checkpoint = crud.create_checkpoint(session, name="init", uri=checkpoint_uri, size_bytes=1, sha256="0")
+            size, sha256 = file_digest(file_uri_path(checkpoint_uri))  # as registration records them
+            checkpoint = crud.create_checkpoint(
+                session, name="init", uri=checkpoint_uri, size_bytes=size, sha256=sha256
+            )
         job = crud.create_job(
             session,
             kind=kind,
@@ -121,6 +137,28 @@ def test_finetune_runs_from_a_real_checkpoint(settings: Settings, tmp_path: Path
     assert all(0.0 <= v["pel_norm"] <= 1.0 for v in values)
 
 
+def test_a_checkpoint_changed_since_registration_fails_the_job(settings: Settings, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "ds", n=6)
+    store = get_store(settings)
+    uri = store.put_file("checkpoints/tampered/model.pt", make_checkpoint(tmp_path / "init.pt", width=4, depth=1))
+    job_id = add_job(settings, kind=JobKind.finetune, dataset_uri=folder.as_uri(), checkpoint_uri=uri)
+    with session_scope(settings.database_url) as session:
+        checkpoint_id = crud.get_job(session, job_id=job_id).checkpoint_id
+        registered = crud.get_checkpoint(session, checkpoint_id=checkpoint_id).sha256
+    # The stored object is replaced by another valid checkpoint (same format, other weights).
+    other = make_checkpoint(tmp_path / "other.pt", width=8, depth=1)
+    store.put_file("checkpoints/tampered/model.pt", other)
+    assert file_digest(other)[1] != registered
+
+    assert execute_job(job_id, settings=settings) is JobStatus.failed
+    error = job_row(settings, job_id).error
+    assert error.startswith(
+        f"checkpoint {checkpoint_id} changed since it was registered (sha256 {file_digest(other)[1]}"
+    )
+    assert f"registered sha256 {registered}" in error
+    assert not (settings.work_dir / job_id / "train.log").exists()  # refused before any training started
+
+
 def test_unreachable_inputs_fail_at_staging(settings: Settings, tmp_path: Path) -> None:
     job_id = add_job(settings, kind=JobKind.baseline, dataset_uri=(tmp_path / "gone.zip").as_uri())
     assert execute_job(job_id, settings=settings) is JobStatus.failed
@@ -170,6 +208,70 @@ def test_stale_running_jobs_are_failed(settings: Settings, tmp_path: Path) -> No
     assert job_id in reap_stale_jobs(settings)
     job = job_row(settings, job_id)
     assert job.status is JobStatus.failed and job.error.startswith("worker lost")
+
+
+def test_an_idle_worker_reaps_stale_jobs_periodically(settings: Settings, tmp_path: Path) -> None:
+    assert reaper_interval_s(settings) == 60.0  # the default 300 s timeout: every minute
+    assert reaper_interval_s(settings.model_copy(update={"heartbeat_timeout_s": 1.0})) == 0.5
+    quick = settings.model_copy(update={"heartbeat_timeout_s": 1.0})
+    stop = threading.Event()
+    reaper = threading.Thread(target=reap_periodically, args=(quick, stop, 0.2), daemon=True)
+    reaper.start()
+    try:
+        # A job whose worker was killed after claiming it: "running", and its heartbeat stops here.
+        job_id = add_job(quick, kind=JobKind.baseline, dataset_uri=make_dataset(tmp_path / "d").as_uri())
+        with session_scope(quick.database_url) as session:
+            crud.claim_job(session, job_id=job_id)
+        assert job_row(quick, job_id).status is JobStatus.running
+        deadline = time.monotonic() + 10
+        while job_row(quick, job_id).status is JobStatus.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = job_row(quick, job_id)
+        assert job.status is JobStatus.failed and job.error.startswith("worker lost"), job.error
+    finally:
+        stop.set()
+        reaper.join(timeout=5)
+    assert not reaper.is_alive()
+
+
+def test_a_real_idle_worker_fails_a_killed_workers_job(tmp_path: Path) -> None:
+    """A Celery worker process that runs no job fails a job whose heartbeat went stale after it started."""
+    home = tmp_path / "home"
+    database_url = f"sqlite:///{tmp_path}/idle.db"
+    alembic_upgrade_head(database_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PELTUNE_")}
+    env |= {
+        "PYTHONPATH": str(REPO_ROOT),
+        "PELTUNE_HOME": str(home),
+        "PELTUNE_DATABASE_URL": database_url,
+        "PELTUNE_HEARTBEAT_TIMEOUT_S": "1",  # the reaper runs every 0.5 s
+    }
+    argv = [
+        *[sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker"],
+        *["--pool", "solo", "--concurrency", "1", "--without-gossip", "--without-mingle", "-l", "INFO"],
+    ]
+    settings = Settings(home=home, database_url=database_url)
+    with running("worker", argv, env=env, log_path=tmp_path / "worker.log") as worker:
+        wait_until(lambda: "ready." in worker.log(), timeout=60, what="celery worker")
+        # Claimed (fresh heartbeat) after the worker started, then never beaten again: its worker was killed.
+        job_id = add_job(settings, kind=JobKind.baseline, dataset_uri=make_dataset(tmp_path / "d").as_uri())
+        with session_scope(database_url) as session:
+            assert crud.claim_job(session, job_id=job_id)
+        wait_until(lambda: job_row(settings, job_id).status is JobStatus.failed, timeout=15, what="the reaper")
+        worker.check()
+    assert job_row(settings, job_id).error.startswith("worker lost")
+
+
+def test_the_periodic_reaper_survives_database_errors(settings: Settings, tmp_path: Path) -> None:
+    broken = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/missing/dir/x.db"})
+    stop = threading.Event()
+    reaper = threading.Thread(target=reap_periodically, args=(broken, stop, 0.05), daemon=True)
+    reaper.start()
+    time.sleep(0.3)  # several failed rounds
+    assert reaper.is_alive()
+    stop.set()
+    reaper.join(timeout=5)
+    assert not reaper.is_alive()
 
 
 def test_heartbeat_beats_until_the_job_is_taken_away(settings: Settings, tmp_path: Path) -> None:
