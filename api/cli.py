@@ -37,6 +37,8 @@ def worker_command() -> list[str]:
         "solo",
         "--concurrency",
         "1",
+        "--without-gossip",
+        "--without-mingle",
         "--loglevel",
         "INFO",
     ]
