@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "PEL Tune needs Python 3.11"'
-	# torch==2.13.0 is pinned in pyproject.toml; see README "Installing" for choosing its CPU or CUDA build.
+	# torch==2.13.0 is pinned in pyproject.toml; see README "Installing torch" for choosing its CPU or CUDA build.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
