@@ -364,19 +364,34 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+# torchrun's summary of a failed group names the rank that failed first and how.
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
 def failure_reason(out_dir: Path, log_path: Path, code: int) -> str:
-    """The ranks' own error reports if they wrote any, else the end of the log."""
+    """The ranks' own error reports if they wrote any, else the end of the log; led by the rank that torchrun saw
+    fail first when that rank wrote no report (a rank killed by a signal leaves none, and the survivors' reports
+    only say their peer went away)."""
     reports = []
     for path in sorted(out_dir.glob("error-rank*.txt"), key=_rank_of):
         text = path.read_text(errors="replace").strip()
         if text:
             reports.append((_rank_of(path), text))
+    root = ROOT_CAUSE.search(_tail(log_path))
+    first = None
+    if root and int(root[1]) not in {rank for rank, _ in reports}:
+        first = f"rank {root[1]} {_how(int(root[2]))} (torchrun's first observed failure)"
     if reports:
         texts = {text for _, text in reports}
         reason = reports[0][1] if len(texts) == 1 else "\n".join(f"rank {rank}: {text}" for rank, text in reports)
+        if first:
+            reason = f"{first}; then {reason}"
         return reason[:ERROR_TEXT_LIMIT]
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    return f"training {how}; end of its log:\n{_tail(log_path)}"[:ERROR_TEXT_LIMIT]
+    return f"{first or f'training {_how(code)}'}; end of its log:\n{_tail(log_path)}"[:ERROR_TEXT_LIMIT]
+
+
+def _how(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 def _rank_of(path: Path) -> int:

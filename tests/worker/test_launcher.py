@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import make_dataset
 from worker.launcher import TrainingProcess, build_command, child_environment
+from worker.tasks import failure_reason
 
 
 def pid_alive(pid: int) -> bool:
@@ -153,3 +156,43 @@ def test_training_dies_with_its_supervisor(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         if supervisor.poll() is None:
             supervisor.kill()
+
+
+def _rank_pid(local_rank: int, timeout: float = 60.0) -> int:
+    """The pid of this machine's training rank with that LOCAL_RANK (read from /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                if b"worker.train_entry" not in (entry / "cmdline").read_bytes():
+                    continue
+                if f"LOCAL_RANK={local_rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    return int(entry.name)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.2)
+    raise TimeoutError(f"no rank with LOCAL_RANK={local_rank}")
+
+
+def test_a_rank_killed_by_a_signal_is_named_in_the_reason(tmp_path: Path) -> None:
+    dataset = make_dataset(tmp_path / "ds", n=6)
+    config = tmp_path / "cfg.json"
+    endless = {
+        "mode": "baseline",
+        "loss": "dice_ce",
+        "steps": 10**6,
+        "val_every": 10**6,
+        "patch_size": 32,
+        "batch_size": 2,
+        "model": {"width": 4, "depth": 1},
+    }
+    config.write_text(json.dumps(endless))
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    command = build_command(nprocs=2, config=config, dataset=dataset, out=out)
+    with TrainingProcess(command, log_path=log) as process:
+        wait_for_file(out / "metrics.jsonl", timeout=90)  # both ranks are training
+        os.kill(_rank_pid(1), signal.SIGKILL)
+        code = process.wait(timeout=60)
+    assert code != 0
+    reason = failure_reason(out, log, code)
+    assert reason.startswith("rank 1 was killed by SIGKILL (torchrun's first observed failure)"), reason
