@@ -44,7 +44,7 @@ StoreDep = Annotated[ObjectStore, Depends(get_object_store)]
 
 async def get_upload_form(request: Request, settings: SettingsDep) -> AsyncIterator[ReceivedForm]:
     form, tmp_dir = await receive_form(
-        request, max_file_bytes=settings.max_upload_bytes, tmp_root=settings.home / "tmp" / "uploads"
+        request, max_file_bytes=settings.max_upload_bytes, tmp_root=settings.scratch_dir("uploads")
     )
     try:
         yield form

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     def broker_dir(self) -> Path:
         return self.home / "broker"
 
+    def scratch_dir(self, *parts: str) -> Path:
+        """A folder under ``home/tmp`` for request-scoped scratch files (uploads, unpacked archives); created here."""
+        path = self.home.joinpath("tmp", *parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def broker_transport_options(self) -> dict[str, Any]:
         """kombu transport options shared by the producer (API) and the consumer (worker)."""
         options: dict[str, Any] = {"visibility_timeout": self.visibility_timeout_s}

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "barrier", "cleanup", "is_main", "setup"]
+__all__ = ["DistInfo", "cleanup", "setup"]
 
 # Long enough for rank 0's slowest single step (a whole evaluation pass) on a small CPU machine.
 _TIMEOUT = timedelta(minutes=30)
@@ -68,16 +68,6 @@ def setup(device: str | None = None) -> DistInfo:
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
-
-
-def is_main() -> bool:
-    """True on rank 0, and in a process that is not part of a group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup() -> None:

@@ -71,6 +71,19 @@ def _dice_iou(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dice, iou
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_over_ranks(parts: list) -> np.ndarray:
+    """The concatenated parts summed over all ranks in one float64 all-reduce (a collective): counts stay exact
+    below 2**53. NCCL only reduces CUDA tensors."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buf = torch.from_numpy(np.concatenate(parts).astype(np.float64)).to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu().numpy()
+
+
 class SegmentationMetrics:
     """Accumulates hard predictions image by image; :meth:`compute` gives pooled and mean-per-image scores."""
 
@@ -96,17 +109,12 @@ class SegmentationMetrics:
         self._num_images += 1
 
     def _global_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _distributed():
             return self._counts, self._image_dice_sum, self._image_iou_sum, self._num_images
         k = self.num_classes
-        # One float64 all-reduce: counts stay exact below 2**53 pixels. NCCL only reduces CUDA tensors.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        packed = np.concatenate(
+        out = _sum_over_ranks(
             [self._counts.ravel().astype(np.float64), self._image_dice_sum, self._image_iou_sum, [self._num_images]]
         )
-        buf = torch.from_numpy(packed).to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        out = buf.cpu().numpy()
         counts = np.rint(out[: 3 * k]).astype(np.int64).reshape(k, 3)
         return counts, out[3 * k : 4 * k], out[4 * k : 5 * k], int(round(out[-1]))
 
@@ -323,13 +331,9 @@ class ObjectMetrics:
         return counts
 
     def _global_state(self) -> tuple[np.ndarray, np.ndarray, int]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _distributed():
             return self._sums, self._image_sums, self._num_images
-        # One float64 all-reduce of the sums (counts stay exact below 2**53). NCCL only reduces CUDA tensors.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        buf = torch.from_numpy(np.concatenate([self._sums, self._image_sums, [self._num_images]])).to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        out = buf.cpu().numpy()
+        out = _sum_over_ranks([self._sums, self._image_sums, [self._num_images]])
         n = len(_OBJECT_FIELDS)
         return out[:n], out[n : n + 3], int(round(out[-1]))
 

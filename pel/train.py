@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pel import distributed
 from pel.checkpoint import load_checkpoint, save_checkpoint
-from pel.data import TARGETS, DatasetError, Sample, load_split, num_classes_for, open_dataset
+from pel.data import TARGETS, Sample, load_split, num_classes_for, open_dataset
 from pel.inference import sliding_window_predict
 from pel.losses import CompoundLoss
 from pel.metrics import ObjectMetrics, SegmentationMetrics, label_instances
@@ -199,10 +199,7 @@ class _Trainer:
         self.out_dir = out_dir
         self.init_checkpoint = init_checkpoint
         self.num_classes = num_classes_for(config.target)
-        self.index = open_dataset(dataset_dir)
-        for split in ("train", "val", "test"):
-            if not self.index.splits[split]:
-                raise DatasetError(f"the {split} split of {dataset_dir} is empty")
+        self.index = open_dataset(dataset_dir)  # refuses empty train/val/test splits
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = self._build_model()
@@ -237,13 +234,13 @@ class _Trainer:
         )
 
         # Every rank samples from the whole train split; evaluation images are sharded across ranks.
-        self.train_samples = load_split(self.index, "train", config.target)
+        train_samples = load_split(self.index, "train", config.target)
         val_ids = self.index.splits["val"][: config.val_images]
         self.val_shard = self._load_shard("val", val_ids)
         self.test_shard = self._load_shard("test", self.index.splits["test"], with_instances=True)
         p = config.patch_size
-        self.images = [pad_to_min(s.image, (p, p)) for s in self.train_samples]
-        self.masks = [pad_to_min(s.mask, (p, p)) for s in self.train_samples]
+        self.images = [pad_to_min(s.image, (p, p)) for s in train_samples]
+        self.masks = [pad_to_min(s.mask, (p, p)) for s in train_samples]
         self.with_foreground = np.flatnonzero([m.any() for m in self.masks])
 
     def _build_model(self) -> UNet:
@@ -275,7 +272,7 @@ class _Trainer:
         is_main = self.info.is_main
         started = time.monotonic()
         if cfg.mode == "finetune" and not self.resumed:
-            self.test_before = self._evaluate(self.test_shard)
+            self.test_before = self._evaluate(self.test_shard, with_objects=True)
         log = self._open_log() if is_main else None
         try:
             for step in range(self.start_step + 1, cfg.steps + 1):
@@ -291,7 +288,7 @@ class _Trainer:
                     point.update({k: float(v / self.count) for k, v in self.sums.items()})
                     self.sums, self.count = {}, 0
                 if validate:
-                    val_dice = _foreground_dice(self._evaluate(self.val_shard))
+                    val_dice = _foreground_dice(self._evaluate(self.val_shard, with_objects=False))
                     assert point is not None
                     point["val_dice"] = val_dice
                     if val_dice > self.best_dice:  # Dice, never the loss: raw PEL is negative
@@ -324,7 +321,7 @@ class _Trainer:
                     "config": cfg.to_dict(),
                 },
             )
-        test_after = self._evaluate(self.test_shard)
+        test_after = self._evaluate(self.test_shard, with_objects=True)
         if not is_main:
             return None
         summary = {
@@ -482,15 +479,15 @@ class _Trainer:
         return np.stack(images), np.stack(masks)
 
     @torch.no_grad()
-    def _evaluate(self, shard: list[Sample]) -> dict[str, Any]:
+    def _evaluate(self, shard: list[Sample], *, with_objects: bool) -> dict[str, Any]:
         """Stitched whole-image metrics over this rank's shard, all-reduced over ranks (a collective)."""
         if self.info.distributed:
             # Each rank's BatchNorm statistics drift after DDP's last buffer broadcast: evaluate rank 0's.
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
         metrics = SegmentationMetrics(self.num_classes)
-        # Object metrics when the shard carries instance labels (the test split): nuclei users judge by objects.
-        objects = ObjectMetrics() if shard and shard[0].instances is not None else None
+        # Object metrics on the test split (loaded with instance labels): nuclei users judge by objects.
+        objects = ObjectMetrics() if with_objects else None
         window = max(self.config.patch_size, MIN_EVAL_PATCH)
         for sample in shard:
             image = torch.from_numpy(sample.image).to(self.info.device)
@@ -504,12 +501,6 @@ class _Trainer:
                 # class separates touching nuclei).
                 objects.update(label_instances(pred.cpu().numpy() == 1), sample.instances)
         result = metrics.compute()
-        if self.info.distributed:
-            # Every rank must join the collective in compute() even with an empty shard.
-            has_objects = torch.tensor([objects is not None], dtype=torch.int64, device=self.info.device)
-            dist.all_reduce(has_objects, op=dist.ReduceOp.MAX)
-            if has_objects.item() and objects is None:
-                objects = ObjectMetrics()
         if objects is not None:
             result["objects"] = objects.compute()
         return result

@@ -67,14 +67,12 @@ def build_command(
     ]
 
 
-def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_environment() -> dict[str, str]:
     """The parent's environment, plus the repository on PYTHONPATH (the entry must import wherever cwd is)."""
     env = dict(os.environ)
     paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"  # the log file follows the ranks as they print
-    if extra:
-        env.update(extra)
     return env
 
 
@@ -133,15 +131,6 @@ class TrainingProcess:
                 preexec_fn=_parent_death_signal(os.getpid()),
             )
         return self
-
-    @property
-    def pid(self) -> int:
-        if self.popen is None:
-            raise RuntimeError("the training process was not started")
-        return self.popen.pid
-
-    def poll(self) -> int | None:
-        return self._popen().poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit code, or None if still running after ``timeout`` seconds."""

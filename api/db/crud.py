@@ -119,17 +119,25 @@ def _rowcount(result: Any) -> int:
     return result.rowcount
 
 
-def claim_job(session: Session, *, job_id: str, now: datetime | None = None) -> bool:
-    """queued -> running, atomically; False when another delivery (or nothing) got there first."""
-    now = now or utcnow()
+def _transition(session: Session, job_id: str, from_status: JobStatus, **values: Any) -> bool:
+    """One conditional UPDATE: set values only while the job is in from_status; True when this call did it.
+    The WHERE on the status is what makes claims and final states race-free across workers."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.running, started_at=now, heartbeat_at=now, error=None)
+        .where(Job.id == job_id, Job.status == from_status)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     session.flush()
     return _rowcount(result) == 1
+
+
+def claim_job(session: Session, *, job_id: str, now: datetime | None = None) -> bool:
+    """queued -> running, atomically; False when another delivery (or nothing) got there first."""
+    now = now or utcnow()
+    return _transition(
+        session, job_id, JobStatus.queued, status=JobStatus.running, started_at=now, heartbeat_at=now, error=None
+    )
 
 
 def record_progress(
@@ -147,14 +155,7 @@ def record_progress(
         if total_steps:
             values["total_steps"] = total_steps
             values["progress"] = min(1.0, max(0.0, step / total_steps))
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return _rowcount(result) == 1
+    return _transition(session, job_id, JobStatus.running, **values)
 
 
 def finish_job(
@@ -173,26 +174,12 @@ def finish_job(
     values: dict[str, Any] = {"status": status, "finished_at": now or utcnow(), "error": error}
     if status is JobStatus.succeeded:
         values.update(progress=1.0, summary=summary, output_checkpoint_id=output_checkpoint_id)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return _rowcount(result) == 1
+    return _transition(session, job_id, JobStatus.running, **values)
 
 
 def fail_queued_job(session: Session, *, job_id: str, error: str) -> bool:
     """queued -> failed: for a job whose message never reached the broker."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.failed, error=error, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return _rowcount(result) == 1
+    return _transition(session, job_id, JobStatus.queued, status=JobStatus.failed, error=error, finished_at=utcnow())
 
 
 def fail_stale_jobs(session: Session, *, heartbeat_timeout_s: float, now: datetime | None = None) -> list[str]:

@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 def is_torch_file(path: Path) -> bool:
     """torch.save's zip layout (``<name>/data.pkl`` inside a zip). Loading is the worker's job: the API never
     unpickles user files."""
-    if not path.is_file() or not zipfile.is_zipfile(path):
+    if not path.is_file():
         return False
     try:
         with zipfile.ZipFile(path) as archive:
@@ -44,6 +44,7 @@ def is_torch_file(path: Path) -> bool:
 
 
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint (expected a torch.save zip file containing data.pkl)"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 @router.post(
@@ -64,15 +65,14 @@ def register_checkpoint(
         assert form.file is not None
         if not is_torch_file(form.file.path):
             raise InvalidField(("body", FILE_FIELD), NOT_A_CHECKPOINT, kind="invalid_checkpoint")
-        name = display_name(form.text("name"), form.file.filename, (".pt", ".pth", ".ckpt"))
+        name = display_name(form.text("name"), form.file.filename, CHECKPOINT_SUFFIXES)
         key = f"checkpoints/{checkpoint_id}/{safe_name(form.file.filename, 'model.pt')}"
         stored_uri = store.put_file(key, form.file.path)
         size, sha256 = form.file.size, form.file.sha256
     else:
         assert uri is not None
-        stored_uri, size, sha256 = _inspect_checkpoint_uri(uri, settings, store, checkpoint_id)
-        source = str(file_uri_path(normalise_uri(uri))) if uri.strip().startswith("file:") else uri.strip()
-        name = display_name(form.text("name"), source, (".pt", ".pth", ".ckpt"))
+        stored_uri, size, sha256, source = _inspect_checkpoint_uri(uri, settings, store, checkpoint_id)
+        name = display_name(form.text("name"), source, CHECKPOINT_SUFFIXES)
     checkpoint = crud.create_checkpoint(
         session, checkpoint_id=checkpoint_id, name=name, uri=stored_uri, size_bytes=size, sha256=sha256
     )
@@ -82,15 +82,15 @@ def register_checkpoint(
 
 def _inspect_checkpoint_uri(
     uri: str, settings: Settings, store: ObjectStore, checkpoint_id: str
-) -> tuple[str, int, str]:
-    """(stored uri, size, sha256). A ``file://`` source is copied once, checked and digested as that copy, and the
-    copy is what goes into the store (no window between the check and the copy for the source to change)."""
+) -> tuple[str, int, str, str]:
+    """(stored uri, size, sha256, source path or uri for the display name). A ``file://`` source is copied once,
+    checked and digested as that copy, and the copy is what goes into the store (no window between the check and
+    the copy for the source to change)."""
     try:
         uri = normalise_uri(uri)
-        settings.home.joinpath("tmp").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as tmp:
-            if uri.startswith("file:"):
-                source = file_uri_path(uri)
+        with tempfile.TemporaryDirectory(dir=settings.scratch_dir()) as tmp:
+            source = file_uri_path(uri) if uri.startswith("file:") else None
+            if source is not None:
                 if not source.is_file():
                     raise ObjectNotFound(f"no file at {uri}")
                 path = Path(tmp) / "checkpoint"
@@ -103,14 +103,15 @@ def _inspect_checkpoint_uri(
             if not is_torch_file(path):
                 raise InvalidField(("body", "uri"), f"{uri}: {NOT_A_CHECKPOINT}", kind="invalid_checkpoint")
             size, sha256 = file_digest(path)
-            if uri.startswith("file:"):
-                key = f"checkpoints/{checkpoint_id}/{safe_name(file_uri_path(uri).name, 'model.pt')}"
-                uri = store.put_file(key, path)
+            stored_uri = uri
+            if source is not None:
+                key = f"checkpoints/{checkpoint_id}/{safe_name(source.name, 'model.pt')}"
+                stored_uri = store.put_file(key, path)
     except ObjectNotFound as exc:
         raise InvalidField(("body", "uri"), str(exc), kind="not_found") from None
     except StorageError as exc:
         raise InvalidField(("body", "uri"), str(exc)) from None
-    return uri, size, sha256
+    return stored_uri, size, sha256, str(source) if source is not None else uri
 
 
 @router.get("")

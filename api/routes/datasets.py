@@ -36,8 +36,7 @@ def archive_key_name(filename: str, path: Path) -> str:
 
 
 def index_archive(archive: Path, loc: tuple[str, ...], tmp_root: Path) -> DatasetIndex:
-    """Unpack to a scratch folder and index it; the folder is removed before returning."""
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    """Unpack to a scratch folder below tmp_root and index it; the folder is removed before returning."""
     with tempfile.TemporaryDirectory(prefix="dataset-", dir=tmp_root) as tmp:
         try:
             return open_dataset(extract_archive(archive, Path(tmp)), verify=True)
@@ -53,7 +52,7 @@ def register_dataset(form: UploadFormDep, session: SessionDep, store: StoreDep, 
     or a ``file://`` folder that the worker then reads in place)."""
     kind, uri = source_of(form)
     dataset_id = new_id()
-    tmp_root = settings.home / "tmp"
+    tmp_root = settings.scratch_dir()
     if kind == "file":
         assert form.file is not None
         index = index_archive(form.file.path, ("body", FILE_FIELD), tmp_root)
@@ -78,8 +77,7 @@ def register_dataset(form: UploadFormDep, session: SessionDep, store: StoreDep, 
 
 def _index_uri(uri: str, settings: Settings) -> tuple[str, DatasetIndex]:
     loc = ("body", "uri")
-    tmp_root = settings.home / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp_root = settings.scratch_dir()
     try:
         uri = normalise_uri(uri)
         if uri.startswith("file:") and file_uri_path(uri).is_dir():
