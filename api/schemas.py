@@ -1,6 +1,6 @@
 """Request and response bodies.
 
-``TrainSettings`` (the ``config`` of a job) is generated from ``pel.train.TrainConfig`` so the API accepts exactly
+``TrainSettings`` (the ``config`` of a job) is generated from ``pel.config.TrainConfig`` so the API accepts exactly
 the trainer's fields and types, never drifting from them; ``CONSTRAINTS`` adds the bounds, checked here so a bad
 value is a 422 naming the field instead of a job that fails minutes later in the worker.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from api.db.models import ID_PATTERN, JobKind, JobStatus
-from pel.train import TrainConfig
+from pel.config import TrainConfig
 
 MAX_NPROCS = 64
 
@@ -71,7 +71,7 @@ def _train_settings_model() -> type[BaseModel]:
     return create_model(
         "TrainSettings",
         __base__=_TrainSettingsBase,
-        __doc__="pel.train.TrainConfig fields except `mode` (set by the job kind); see docs/design.md.",
+        __doc__="pel.config.TrainConfig fields except `mode` (set by the job kind); see docs/design.md.",
         **definitions,
     )
 

@@ -36,8 +36,8 @@ from api.db.session import get_sessionmaker, session_scope
 from api.queue import RUN_JOB_TASK
 from api.settings import Settings, get_settings
 from api.storage import StorageError, file_digest, file_uri_path, get_store, localize, store_for_uri
+from pel.config import TrainConfig
 from pel.data import DatasetError, extract_archive
-from pel.train import TrainConfig
 from worker.celery_app import app
 from worker.launcher import TrainingProcess, build_command
 

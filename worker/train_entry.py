@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from pel.train import TrainConfig, train
+from pel.config import TrainConfig
+from pel.train import train
 
 
 def thread_count() -> int:

@@ -14,7 +14,7 @@ from api.errors import Conflict, InvalidField, NotFound, ServiceUnavailable
 from api.queue import EnqueueError, enqueue_job
 from api.routes.checkpoints import checkpoint_stream
 from api.schemas import JobCreate, JobOut, MetricsOut
-from pel.train import TrainConfig
+from pel.config import TrainConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -2,54 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pel.config import NormKind, UNetConfig
+
 __all__ = ["UNet", "UNetConfig"]
-
-NormKind = Literal["batch", "group"]
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Architecture of :class:`UNet`; stored in checkpoints so a model can be rebuilt without code.
-
-    ``width`` is the channel count of the first level and doubles at each of the ``depth`` downsamplings.
-    ``norm`` picks BatchNorm (fast, the default) or GroupNorm (independent of the batch size).
-    """
-
-    in_channels: int = 1
-    out_channels: int = 2
-    width: int = 16
-    depth: int = 3
-    norm: NormKind = "batch"
-
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "out_channels", "width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= 6:
-            raise ValueError(f"UNetConfig.depth must be an integer in [0, 6], got {self.depth!r}")
-        if self.norm not in ("batch", "group"):
-            raise ValueError(f"UNetConfig.norm must be 'batch' or 'group', got {self.norm!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"UNetConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
 
 
 def _norm(kind: NormKind, channels: int) -> nn.Module:

@@ -17,7 +17,7 @@ from api.db.session import session_scope
 from api.main import create_app
 from api.schemas import SERVER_FIELDS, TrainSettings
 from api.settings import Settings
-from pel.train import TrainConfig
+from pel.config import TrainConfig
 from tests.factories import make_archive, make_checkpoint, make_dataset
 from tests.services import REDIS_URL, forget_redis_queue, redis_client
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from pel.checkpoint import load_checkpoint
+from pel.config import TrainConfig
 from pel.data import load_split, open_dataset, read_mask
 from pel.inference import sliding_window_predict
 from pel.metrics import ObjectMetrics, SegmentationMetrics, label_instances
-from pel.train import MIN_EVAL_PATCH, SNAPSHOT, TrainConfig, train
+from pel.train import MIN_EVAL_PATCH, SNAPSHOT, train
 from tests.conftest import REPO_ROOT
 from tests.pel.factories import real_subset
 from worker import train_entry
