@@ -94,6 +94,9 @@ class Checkpoint(Base):
     uri: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # How the file stores its model ("pel-tune", ...) and the architecture it fits (None: the file says it itself).
+    format: Mapped[str] = mapped_column(String(32), default="pel-tune", server_default="pel-tune")
+    architecture: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The job that produced it; NULL for uploaded/registered checkpoints. No FK: jobs also point at checkpoints,
     # and a cycle of foreign keys makes deletes and batch migrations needlessly awkward.
     source_job_id: Mapped[str | None] = mapped_column(String(32), index=True)
