@@ -4,8 +4,10 @@ pel-tune demo                                   # the whole service on the embed
 pel-tune migrate | api | worker                 # run one part of the service (settings from PELTUNE_* env)
 pel-tune datasets add --uri file:///data/bbbc039
 pel-tune checkpoints add --file model.pt
+pel-tune checkpoints add --file weights.safetensors --architecture '{"name": "unet", "width": 16, "depth": 3}'
 pel-tune jobs submit --kind finetune --dataset ID --checkpoint ID --config '{"loss": "pel_ce", "steps": 200}'
 pel-tune jobs show ID | jobs list | jobs metrics ID | jobs wait ID | jobs download ID model.pt
+pel-tune jobs cancel ID | jobs events ID
 """
 
 from __future__ import annotations
@@ -77,11 +79,15 @@ def _json_object(text: str) -> dict:
 def _client_command(args: argparse.Namespace) -> int:
     from api.client import PelTuneClient
 
-    with PelTuneClient(args.url) as client:
+    with PelTuneClient(args.url, api_key=args.api_key) as client:
         match args.group, args.action:
             case ("datasets" | "checkpoints") as group, "add":
-                register = client.register_dataset if group == "datasets" else client.register_checkpoint
-                result = register(uri=args.uri, file=args.file, name=args.name)
+                if group == "datasets":
+                    result = client.register_dataset(uri=args.uri, file=args.file, name=args.name)
+                else:
+                    result = client.register_checkpoint(
+                        uri=args.uri, file=args.file, name=args.name, architecture=args.architecture
+                    )
             case "datasets", "list":
                 result = client.datasets()
             case "checkpoints", "list":
@@ -93,7 +99,12 @@ def _client_command(args: argparse.Namespace) -> int:
                     checkpoint_id=args.checkpoint,
                     config=_json_object(args.config),
                     nprocs=args.nprocs,
+                    idempotency_key=args.idempotency_key,
                 )
+            case "jobs", "cancel":
+                result = client.cancel_job(args.id)
+            case "jobs", "events":
+                result = client.events(args.id)
             case "jobs", "list":
                 result = client.jobs()
             case "jobs", "show":
@@ -126,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     for group in ("datasets", "checkpoints", "jobs"):
         group_parser = sub.add_parser(group, help=f"{group} on the API at --url")
         group_parser.add_argument("--url", default=DEFAULT_URL, help="API base URL (env PELTUNE_URL)")
+        group_parser.add_argument(
+            "--api-key",
+            help="your API key (default: env PELTUNE_API_KEY, else the embedded API's key in "
+            "$PELTUNE_HOME/local-keys.json)",
+        )
         actions = group_parser.add_subparsers(dest="action", required=True)
         actions.add_parser("list")
         if group != "jobs":
@@ -134,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
             source.add_argument("--uri")
             source.add_argument("--file", type=Path)
             add.add_argument("--name")
+            if group == "checkpoints":
+                add.add_argument(
+                    "--architecture",
+                    metavar="JSON",
+                    help='for a state_dict/safetensors file: {"name": "unet", ...} or {"name": "smp", "arch": ..., '
+                    '"encoder": ...}',
+                )
             continue
         submit = actions.add_parser("submit")
         submit.add_argument("--kind", choices=["baseline", "finetune"], default="finetune")
@@ -141,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         submit.add_argument("--checkpoint")
         submit.add_argument("--config", default="{}", help="training settings as JSON (see docs/design.md)")
         submit.add_argument("--nprocs", type=int, default=1)
-        for action in ("show", "metrics", "wait", "download"):
+        submit.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
+        for action in ("show", "metrics", "wait", "download", "cancel", "events"):
             action_parser = actions.add_parser(action)
             action_parser.add_argument("id")
             if action == "wait":

@@ -5,12 +5,16 @@ It speaks only HTTP (httpx), so it runs anywhere the API is reachable; it never 
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from api.settings import LOCAL_KEYS_FILE
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -37,9 +41,27 @@ def _readable(detail: Any) -> str:
     return str(detail)
 
 
+def local_api_key(home: Path) -> str | None:
+    """The default tenant's key an embedded (development) API generated in {home}/local-keys.json, if any."""
+    try:
+        return json.loads((home.expanduser() / LOCAL_KEYS_FILE).read_text())["api_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_api_key() -> str | None:
+    """PELTUNE_API_KEY, else the embedded API's key under PELTUNE_HOME (default ./.peltune)."""
+    if key := os.environ.get("PELTUNE_API_KEY", "").strip():
+        return key
+    return local_api_key(Path(os.environ.get("PELTUNE_HOME", ".peltune")))
+
+
 class PelTuneClient:
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0) -> None:
+        """``api_key`` defaults to :func:`default_api_key`; it is sent as ``Authorization: Bearer <key>``."""
+        api_key = api_key or default_api_key()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -62,13 +84,27 @@ class PelTuneClient:
         """Register a dataset by object-store URI (archive, or a file:// folder) or by uploading an archive."""
         return self._register("/v1/datasets", uri=uri, file=file, name=name)
 
-    def register_checkpoint(self, *, uri: str | None = None, file: Path | None = None, name: str | None = None) -> dict:
-        return self._register("/v1/checkpoints", uri=uri, file=file, name=name)
+    def register_checkpoint(
+        self,
+        *,
+        uri: str | None = None,
+        file: Path | None = None,
+        name: str | None = None,
+        architecture: dict | str | None = None,
+    ) -> dict:
+        """``architecture`` (a dict or its JSON) is required for a state_dict or safetensors file, e.g.
+        ``{"name": "unet", "width": 16, "depth": 3}`` or ``{"name": "smp", "arch": "Unet", "encoder": "resnet34"}``."""
+        if isinstance(architecture, dict):
+            architecture = json.dumps(architecture)
+        return self._register("/v1/checkpoints", uri=uri, file=file, name=name, architecture=architecture)
 
-    def _register(self, path: str, *, uri: str | None, file: Path | None, name: str | None) -> dict:
+    def _register(
+        self, path: str, *, uri: str | None, file: Path | None, name: str | None, architecture: str | None = None
+    ) -> dict:
         if (uri is None) == (file is None):
             raise ValueError("give exactly one of uri or file")
-        data = {k: v for k, v in {"uri": uri, "name": name}.items() if v is not None}
+        fields = {"uri": uri, "name": name, "architecture": architecture}
+        data = {k: v for k, v in fields.items() if v is not None}
         if file is None:
             return self._call("POST", path, data=data)
         with open(file, "rb") as stream:  # httpx streams the open file; it is never read whole into memory
@@ -90,11 +126,20 @@ class PelTuneClient:
         config: dict,
         checkpoint_id: str | None = None,
         nprocs: int = 1,
+        idempotency_key: str | None = None,
     ) -> dict:
+        """Queue a job; with ``idempotency_key`` a retried submission returns the job the first one created."""
         body: dict[str, Any] = {"kind": kind, "dataset_id": dataset_id, "config": config, "nprocs": nprocs}
         if checkpoint_id is not None:
             body["checkpoint_id"] = checkpoint_id
-        return self._call("POST", "/v1/jobs", json=body)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        return self._call("POST", "/v1/jobs", json=body, headers=headers)
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def events(self, job_id: str) -> list[dict]:
+        return self._call("GET", f"/v1/jobs/{job_id}/events")
 
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from api.cli import api_command, migrate_command, worker_command
-from api.client import ApiError, PelTuneClient
+from api.client import ApiError, PelTuneClient, local_api_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,7 +282,11 @@ def run_demo(home: Path, *, control: bool = False) -> None:
     home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"PEL Tune demo: data {data}, state in {home}")
-    with running_services(home) as services, PelTuneClient(services.url) as client:
+    with (
+        running_services(home) as services,
+        # The embedded API generated this key on its first start (development mode; api/auth.py).
+        PelTuneClient(services.url, api_key=local_api_key(home)) as client,
+    ):
         print(f"API at {services.url} (OpenAPI docs at {services.url}/docs); logs in {services.logs}")
         dataset = ensure_dataset(client, data)
         print(f"dataset {dataset['id']}: {dataset['num_images']} images, splits {dataset['splits']}")

@@ -6,11 +6,13 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth import UriRefused, check_registration_uri, same_secret, tenant_for_key
 from api.db import crud
-from api.db.models import ID_PATTERN, Checkpoint, Dataset, Job
+from api.db.models import ID_PATTERN, Checkpoint, Dataset, Job, Tenant
 from api.db.session import get_sessionmaker
 from api.errors import NotFound
 from api.routes._multipart import ReceivedForm, receive_form
@@ -54,28 +56,104 @@ async def get_upload_form(request: Request, settings: SettingsDep) -> AsyncItera
 
 UploadFormDep = Annotated[ReceivedForm, Depends(get_upload_form)]
 
+# -- authentication -------------------------------------------------------------------------------------------------
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pel-tune"'}
+# Declared for OpenAPI (the /docs "Authorize" button); the key itself is read by presented_key.
+BEARER = Depends(HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer pt_..."))
+API_KEY_HEADER = Depends(APIKeyHeader(name="X-API-Key", auto_error=False, description="or the key in X-API-Key"))
+DeclaredKey = Annotated[object, BEARER]
+DeclaredHeader = Annotated[object, API_KEY_HEADER]
+
+
+def presented_key(request: Request) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+def _admin_key(request: Request) -> str | None:
+    # Set when the app starts (api.main): the configured key, or in development the generated local one.
+    return getattr(request.app.state, "admin_key", None)
+
+
+def _missing_key(settings: Settings) -> HTTPException:
+    hint = f"; this server's local key is in {settings.local_keys_file}" if settings.env == "development" else ""
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        f"missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'{hint}",
+        headers=CHALLENGE,
+    )
+
+
+def get_tenant(
+    request: Request, session: SessionDep, settings: SettingsDep, _b: DeclaredKey, _h: DeclaredHeader
+) -> Tenant:
+    """The caller's tenant, from its API key; 401 for a missing, unknown or revoked key. Declared on every
+    resource router, so it runs before any upload is read."""
+    key = presented_key(request)
+    if key is None:
+        raise _missing_key(settings)
+    admin = _admin_key(request)
+    if admin and same_secret(key, admin):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "the admin key manages tenants and keys only: call this with a tenant's API key"
+        )
+    tenant = tenant_for_key(session, key)
+    if tenant is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=CHALLENGE)
+    request.state.tenant_id = tenant.id
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def check_uri_allowed(uri: str, tenant: Tenant, settings: Settings) -> None:
+    """403 naming the allowed place for a URI this tenant may not register (api.auth.check_registration_uri)."""
+    try:
+        check_registration_uri(uri, tenant, settings)
+    except UriRefused as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"uri: {exc}") from None
+
+
+def require_admin(request: Request, settings: SettingsDep, _b: DeclaredKey, _h: DeclaredHeader) -> None:
+    key = presented_key(request)
+    if key is None:
+        raise _missing_key(settings)
+    admin = _admin_key(request)
+    if not admin or not same_secret(key, admin):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (PELTUNE_ADMIN_KEY)")
+
 
 def _well_formed(resource_id: str) -> bool:
     # Ids are uuid4 hex; anything else cannot exist (and a NUL byte would be a database error on PostgreSQL).
     return ID_PATTERN.fullmatch(resource_id) is not None
 
 
-def get_job_or_404(job_id: str, session: SessionDep) -> Job:
-    job = crud.get_job(session, job_id=job_id) if _well_formed(job_id) else None
+# Another tenant's resource is "not found", word for word like a missing one: its existence is not leaked.
+
+
+def get_job_or_404(job_id: str, session: SessionDep, tenant: TenantDep) -> Job:
+    job = crud.get_job(session, job_id=job_id, tenant_id=tenant.id) if _well_formed(job_id) else None
     if job is None:
         raise NotFound("job", job_id)
     return job
 
 
-def get_checkpoint_or_404(checkpoint_id: str, session: SessionDep) -> Checkpoint:
-    checkpoint = crud.get_checkpoint(session, checkpoint_id=checkpoint_id) if _well_formed(checkpoint_id) else None
+def get_checkpoint_or_404(checkpoint_id: str, session: SessionDep, tenant: TenantDep) -> Checkpoint:
+    well_formed = _well_formed(checkpoint_id)
+    checkpoint = crud.get_checkpoint(session, checkpoint_id=checkpoint_id, tenant_id=tenant.id) if well_formed else None
     if checkpoint is None:
         raise NotFound("checkpoint", checkpoint_id)
     return checkpoint
 
 
-def get_dataset_or_404(dataset_id: str, session: SessionDep) -> Dataset:
-    dataset = crud.get_dataset(session, dataset_id=dataset_id) if _well_formed(dataset_id) else None
+def get_dataset_or_404(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dataset:
+    well_formed = _well_formed(dataset_id)
+    dataset = crud.get_dataset(session, dataset_id=dataset_id, tenant_id=tenant.id) if well_formed else None
     if dataset is None:
         raise NotFound("dataset", dataset_id)
     return dataset

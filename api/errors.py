@@ -7,13 +7,21 @@ Routes and services raise these; nothing below the edge knows about status codes
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 
 from api.storage import ObjectNotFound, StorageError
+
+log = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE = "database unavailable, retry later"
+# Seconds a client should wait before retrying a 503 (the database or broker is expected back).
+RETRY_AFTER_S = 5
 
 
 class DomainError(Exception):
@@ -63,6 +71,21 @@ class ServiceUnavailable(DomainError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
 
 
+class ClientGone(DomainError):
+    """The client closed the connection before its request body arrived; nobody reads the answer."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True for failures that mean "the database cannot be reached now", not "this request is wrong": connection
+    refused/reset/timed out (OperationalError, also SQLite's "database is locked"), a connection dropped mid-query
+    (invalidated), a closed connection (InterfaceError) and an exhausted connection pool."""
+    if isinstance(exc, sa_exc.TimeoutError | sa_exc.OperationalError | sa_exc.InterfaceError):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,7 +95,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_request: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, ServiceUnavailable) else None
+        return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(sa_exc.SQLAlchemyError)
+    async def _database(request: Request, exc: sa_exc.SQLAlchemyError) -> JSONResponse:
+        if not is_database_outage(exc):
+            raise exc  # a bug or a schema problem: a real 500 with its traceback
+        # One line, no traceback: an outage is an operational event, and the pool reconnects once it is over.
+        log.warning("%s %s: database unavailable: %s", request.method, request.url.path, str(exc).splitlines()[0])
+        return JSONResponse(
+            {"detail": DATABASE_UNAVAILABLE},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(ObjectNotFound)
     async def _missing_object(_request: Request, exc: ObjectNotFound) -> JSONResponse:

@@ -13,9 +13,13 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
+from api.auth import CorsFromSettings, admin_key_at_startup
 from api.db.migrate import upgrade_head
 from api.errors import install_error_handlers
-from api.routes import checkpoints, datasets, jobs
+from api.links import router as links_router
+from api.logs import configure_logging
+from api.observability import install_observability, start_job_metrics
+from api.routes import checkpoints, datasets, jobs, tenants
 from api.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -27,8 +31,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         current = app.state.settings or get_settings()
+        if app.state.settings is None:  # the deployed app (tests pin settings and keep pytest's log capture)
+            configure_logging("api", current)
+        start_job_metrics(app, current)
         if current.auto_migrate:
             await anyio.to_thread.run_sync(upgrade_head, current.database_url)
+        # The key admin routes accept (api/auth.py); in development also the generated local keys.
+        app.state.admin_key = await anyio.to_thread.run_sync(admin_key_at_startup, current)
         yield
 
     app = FastAPI(
@@ -39,7 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (checkpoints, datasets, jobs):
+    install_observability(app)  # /readyz, /metrics, request metrics and the JSON access log
+    app.add_middleware(CorsFromSettings)  # closed unless PELTUNE_CORS_ORIGINS lists origins
+    app.include_router(links_router)  # presigned checkpoint download links (api/links.py)
+    for module in (checkpoints, datasets, jobs, tenants):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

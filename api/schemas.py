@@ -87,6 +87,11 @@ class CheckpointOut(BaseModel):
     uri: str
     size_bytes: int
     sha256: str
+    format: str = Field(description='model file format: "pel-tune", "torchscript", "state_dict" or "safetensors"')
+    architecture: dict[str, Any] | None = Field(
+        description='the architecture the weights fit, e.g. {"name": "unet", ...} or {"name": "smp", ...}; '
+        "null for TorchScript (the file carries its own)"
+    )
     source_job_id: str | None
     created_at: datetime
 
@@ -99,6 +104,9 @@ class DatasetOut(BaseModel):
     uri: str
     num_images: int
     splits: dict[str, int] = Field(description="number of images per split")
+    min_height: int | None = Field(None, description="height of the smallest image (None: not recorded)")
+    min_width: int | None = Field(None, description="width of the smallest image")
+    num_classes: int | None = Field(None, description="classes declared at registration (None: not declared)")
     created_at: datetime
 
 
@@ -145,9 +153,20 @@ class JobOut(BaseModel):
     error: str | None
     output_checkpoint_id: str | None
     summary: dict[str, Any] | None
+    attempt: int = Field(description="attempts started so far (retries are capped by the server's max_attempts)")
+    resume_step: int = Field(description="the step of the last snapshot kept for this job; a retry resumes there")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    at: datetime
+    from_status: JobStatus | None = Field(description="null for the submission")
+    to_status: JobStatus
+    reason: str
 
 
 class MetricsOut(BaseModel):

@@ -4,13 +4,17 @@ Two backends: ``S3Store`` (boto3; AWS, MinIO or a moto server via ``PELTUNE_S3_E
 (a folder). Rows in SQL keep full URIs (``s3://bucket/key``, ``file:///abs/path``), so a row stays readable
 when the configured store changes; ``store_for_uri`` turns such a URI back into (store, key).
 
-Nothing here reads a whole object into memory: uploads use boto3's managed (multipart) transfer, downloads
-stream in chunks.
+Nothing here reads a whole object into memory: uploads use boto3's managed transfer (multipart above
+``s3_multipart_threshold_bytes``, parts read from the file as they are sent), downloads are written to a file
+(ranged GETs above the threshold) or streamed in chunks. Every S3 call is retried by botocore with exponential
+backoff on 5xx, throttling, connection errors and timeouts (``s3_retry_mode``, ``s3_max_attempts``, and
+connect/read timeouts so a stalled endpoint cannot hang a request).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +28,8 @@ from urllib.parse import unquote, urlparse
 from api.settings import Settings, get_settings
 
 CHUNK_SIZE = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(Exception):
@@ -50,6 +56,10 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is not an error."""
+        ...
 
 
 class LocalStore:
@@ -99,6 +109,9 @@ class LocalStore:
     def size(self, key: str) -> int:
         return self._existing(key).stat().st_size
 
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def _existing(self, key: str) -> Path:
         path = self.path(key)
         if not path.is_file():
@@ -109,14 +122,36 @@ class LocalStore:
 class S3Store:
     """An S3 bucket (optionally below a key prefix)."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        settings: Settings | None = None,
+    ) -> None:
         from boto3.s3.transfer import TransferConfig
 
+        settings = settings or get_settings()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or s3_client(endpoint_url)
-        # Multipart above 64 MiB, so multi-GB checkpoints upload in parallel parts and never sit in memory whole.
-        self._transfer = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2)
+        self.client = client or s3_client(
+            endpoint_url,
+            retry_mode=settings.s3_retry_mode,
+            max_attempts=settings.s3_max_attempts,
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=settings.s3_read_timeout_s,
+        )
+        # Multipart above the threshold, so multi-GB checkpoints go up and down in parts (each retried on its own)
+        # and never sit in memory whole.
+        # Downloads: parts arrive on 10 threads and wait for the one writer thread in a queue of 256 KiB pieces;
+        # 16 of them (4 MiB, not boto3's 100) bound what a fast network can pile up in memory ahead of the disk.
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.s3_multipart_threshold_bytes,
+            multipart_chunksize=settings.s3_multipart_chunk_bytes,
+            max_io_queue=16,
+        )
 
     def key(self, key: str) -> str:
         key = key.lstrip("/")
@@ -172,6 +207,10 @@ class S3Store:
         with _s3_errors(self.uri(key)):
             return int(self.client.head_object(Bucket=self.bucket, Key=self.key(key))["ContentLength"])
 
+    def delete(self, key: str) -> None:
+        with _s3_errors(self.uri(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+
 
 @contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
@@ -190,11 +229,40 @@ def _s3_errors(uri: str) -> Iterator[None]:
 
 
 @lru_cache(maxsize=8)
-def s3_client(endpoint_url: str | None) -> Any:
-    """One boto3 client per endpoint (clients are thread-safe; creating one costs tens of milliseconds)."""
-    import boto3
+def s3_client(
+    endpoint_url: str | None,
+    *,
+    retry_mode: str = "standard",
+    max_attempts: int = 5,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 60.0,
+) -> Any:
+    """One boto3 client per endpoint and retry policy (clients are thread-safe; creating one costs tens of ms).
 
-    return boto3.client("s3", endpoint_url=endpoint_url)
+    ``max_attempts`` counts the first try; botocore backs off exponentially with jitter between attempts."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},  # botocore's "max_attempts" = retries
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+@contextmanager
+def removed_on_error(store: ObjectStore, key: str) -> Iterator[None]:
+    """Delete the object at key if the block fails: an object stored for a row that was never committed (the
+    database went away, a constraint failed) must not stay behind as an orphan."""
+    try:
+        yield
+    except BaseException:
+        try:
+            store.delete(key)
+        except StorageError:
+            log.warning("could not remove %s after a failed registration; it is an orphan", store.uri(key))
+        raise
 
 
 def _is_not_found(exc: Any) -> bool:
@@ -215,13 +283,13 @@ def file_uri_path(uri: str) -> Path:
     return Path(path)
 
 
-def store_from_url(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
+def store_from_url(url: str, *, endpoint_url: str | None = None, settings: Settings | None = None) -> ObjectStore:
     """The store a ``PELTUNE_STORAGE_URL`` names: ``s3://bucket[/prefix]`` or ``file:///folder``."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"S3 URL without a bucket: {url!r}")
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, settings=settings)
     if parsed.scheme == "file":
         return LocalStore(file_uri_path(url))
     raise StorageError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///path")
@@ -230,7 +298,7 @@ def store_from_url(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
 def get_store(settings: Settings | None = None) -> ObjectStore:
     """The configured object store, where new objects are written."""
     settings = settings or get_settings()
-    return store_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+    return store_from_url(settings.storage_url, endpoint_url=settings.s3_endpoint_url, settings=settings)
 
 
 def store_for_uri(uri: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
@@ -241,7 +309,7 @@ def store_for_uri(uri: str, settings: Settings | None = None) -> tuple[ObjectSto
         key = parsed.path.lstrip("/")
         if not parsed.netloc or not key:
             raise StorageError(f"S3 URI must name a bucket and a key: {uri!r}")
-        return S3Store(parsed.netloc, endpoint_url=settings.s3_endpoint_url), key
+        return S3Store(parsed.netloc, endpoint_url=settings.s3_endpoint_url, settings=settings), key
     if parsed.scheme == "file":
         path = file_uri_path(uri)
         return LocalStore(path.parent), path.name

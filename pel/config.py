@@ -99,6 +99,9 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     snapshot_every: int = 50
+    # Opt-in torch.compile of the loss's per-pixel kernels (pel.losses, compile=True; docs/performance.md): the
+    # same values, faster per step, but seconds of compilation at the first step of each rank.
+    compile_loss: bool = False
     model: dict[str, Any] = field(default_factory=lambda: UNetConfig().to_dict())
 
     def __post_init__(self) -> None:
@@ -117,6 +120,8 @@ class TrainConfig:
             )
         if not isinstance(self.amp, bool):
             raise ValueError(f"TrainConfig.amp must be true or false, got {self.amp!r}")
+        if not isinstance(self.compile_loss, bool):
+            raise ValueError(f"TrainConfig.compile_loss must be true or false, got {self.compile_loss!r}")
         if self.grad_clip is not None:
             _number("grad_clip", self.grad_clip, low=0.0, low_open=True)
         if self.val_images is not None:

@@ -9,7 +9,6 @@ become training targets: ``"binary"`` (0 background, 1 foreground) or ``"boundar
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 import tarfile
 import zipfile
@@ -17,6 +16,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -46,6 +46,9 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _MAX_NAMES = 10
 _DEFAULT_SPLIT_SEED = 0
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 1.0, 99.8
+# Archive bomb limits (the API passes its own settings): total uncompressed bytes and number of members.
+MAX_ARCHIVE_BYTES = 32 * 1024**3
+MAX_ARCHIVE_MEMBERS = 200_000
 
 
 class DatasetError(ValueError):
@@ -56,7 +59,8 @@ class DatasetError(ValueError):
 class DatasetIndex:
     """What :func:`open_dataset` found: ids (sorted file stems), the splits and the paired file paths.
 
-    ``channels`` is the image channel count shared by every image (1 for grey, 3 for RGB).
+    ``channels`` is the image channel count shared by every image (1 for grey, 3 for RGB); ``min_size`` is the
+    smallest height and the smallest width over all images (a training patch must fit in both).
     """
 
     root: Path
@@ -65,6 +69,7 @@ class DatasetIndex:
     image_paths: dict[str, Path]
     mask_paths: dict[str, Path]
     channels: int = 1
+    min_size: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -87,7 +92,7 @@ def num_classes_for(target: str) -> int:
     raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
 
 
-def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
+def open_dataset(root: str | Path, *, verify: bool = False, num_classes: int | None = None) -> DatasetIndex:
     """Index the dataset at ``root`` and check it can be trained on, reading only the file headers.
 
     Raises :class:`DatasetError` for a missing ``images/`` or ``masks/`` folder, no images, unsupported or
@@ -97,8 +102,13 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
 
     With ``verify=True`` every image and mask is also decoded once, as :func:`load_split` reads them, so
     truncated or corrupt pixel data and invalid mask values (negative, non-integer or NaN labels) are caught
-    here rather than when a job loads the split; the error names the file and the problem.
+    here rather than when a job loads the split; the error names the file and the problem. ``num_classes``
+    declares the masks as class label images (labels 0 to num_classes - 1): a label outside that range is an
+    error naming the file and the labels (checked with ``verify``; without a declaration masks are instance
+    labels and any non-negative integer is valid).
     """
+    if num_classes is not None and num_classes < 2:
+        raise DatasetError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
@@ -126,6 +136,7 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
 
     ids = sorted(image_paths)
     channels: dict[int, list[str]] = {}
+    sizes: list[tuple[int, int]] = []
     for sample_id in ids:
         image_size, image_channels = _probe(image_paths[sample_id])
         mask_size, mask_channels = _probe(mask_paths[sample_id], mask=True)
@@ -139,6 +150,7 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
                 f"{mask_paths[sample_id]} is {_hw(mask_size)}"
             )
         channels.setdefault(image_channels, []).append(image_paths[sample_id].name)
+        sizes.append(image_size)
     if len(channels) > 1:
         detail = "; ".join(f"{c} channel(s): {_names(names)}" for c, names in sorted(channels.items()))
         raise DatasetError(f"images in {folders['images']} have different channel counts ({detail})")
@@ -146,7 +158,7 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
     splits = _read_splits(root, ids)
     if verify:
         for sample_id in ids:
-            _verify_pair(sample_id, image_paths[sample_id], mask_paths[sample_id])
+            _verify_pair(sample_id, image_paths[sample_id], mask_paths[sample_id], num_classes)
     return DatasetIndex(
         root=root,
         ids=ids,
@@ -154,6 +166,7 @@ def open_dataset(root: str | Path, *, verify: bool = False) -> DatasetIndex:
         image_paths=image_paths,
         mask_paths=mask_paths,
         channels=next(iter(channels)),
+        min_size=(min(h for h, _ in sizes), min(w for _, w in sizes)),
     )
 
 
@@ -243,30 +256,75 @@ def make_target(labels: np.ndarray, target: str) -> np.ndarray:
     return out
 
 
-def extract_archive(archive: str | Path, dest: str | Path) -> Path:
+def extract_archive(
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
+    max_members: int = MAX_ARCHIVE_MEMBERS,
+) -> Path:
     """Unpack a zip or tar(.gz/.bz2/.xz) ``archive`` into ``dest``; return the folder holding images/ and masks/.
 
     Every member is checked before anything is written: absolute paths, ``..`` components, symbolic or hard
-    links and special files raise :class:`DatasetError` naming the member, and nothing is extracted.
+    links and special files raise :class:`DatasetError` naming the member, and nothing is extracted. So do
+    archive bombs: more than ``max_members`` members, or member sizes adding up to more than ``max_bytes``
+    uncompressed (the sizes the archive declares; the bytes written are counted too, and extraction stops at the
+    cap should a member expand past its declared size).
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise DatasetError(f"archive not found: {archive}")
     dest.mkdir(parents=True, exist_ok=True)
+    limits = _Limits(archive, max_bytes, max_members)
     if zipfile.is_zipfile(archive):
-        _extract_zip(archive, dest)
+        _extract_zip(archive, dest, limits)
     elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, dest)
+        _extract_tar(archive, dest, limits)
     else:
         raise DatasetError(f"{archive} is not a zip or tar archive")
     return _find_dataset_root(archive, dest)
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+@dataclass
+class _Limits:
+    """The archive bomb caps, and the bytes written so far."""
+
+    archive: Path
+    max_bytes: int
+    max_members: int
+    written: int = 0
+
+    def check_members(self, count: int) -> None:
+        if count > self.max_members:
+            raise DatasetError(
+                f"{self.archive}: too many members (more than {self.max_members}); the limit is {self.max_members}"
+            )
+
+    def check_declared(self, total: int) -> None:
+        if total > self.max_bytes:
+            raise DatasetError(
+                f"{self.archive}: expands to {total} bytes, more than the limit of {self.max_bytes} bytes "
+                "(archive bomb?); nothing was extracted"
+            )
+
+    def copy(self, src: BinaryIO, out: BinaryIO) -> None:
+        """Copy one member, stopping as soon as the total would pass the cap (whatever the header said)."""
+        while chunk := src.read(1 << 20):
+            self.written += len(chunk)
+            if self.written > self.max_bytes:
+                raise DatasetError(
+                    f"{self.archive}: expands to more than the limit of {self.max_bytes} bytes (archive bomb?)"
+                )
+            out.write(chunk)
+
+
+def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> None:
     member = None
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
+            limits.check_members(len(members))
+            limits.check_declared(sum(info.file_size for info in members))
             for info in members:
                 _check_member_name(archive, info.filename)
                 mode = info.external_attr >> 16  # Unix mode when the archiver recorded one; the type bits may be 0
@@ -282,7 +340,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
+                    limits.copy(src, out)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
         # A file and a folder with the same name (FileExistsError, NotADirectoryError...), a damaged member
         # ("Bad CRC-32", zlib errors, truncation), an unsupported compression method or an encrypted member.
@@ -290,10 +348,14 @@ def _extract_zip(archive: Path, dest: Path) -> None:
         raise DatasetError(f"{archive}: {where} ({type(exc).__name__}: {exc})") from None
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
+def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> None:
     try:
         with tarfile.open(archive) as tf:
-            members = tf.getmembers()
+            members = []
+            for member in tf:  # not getmembers(): stop reading the headers as soon as there are too many
+                members.append(member)
+                limits.check_members(len(members))
+            limits.check_declared(sum(member.size for member in members if member.isfile()))
             for member in members:
                 _check_member_name(archive, member.name)
                 if member.issym() or member.islnk():
@@ -312,7 +374,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 src = tf.extractfile(member)
                 assert src is not None  # regular files always have data
                 with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
+                    limits.copy(src, out)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(f"{archive}: cannot read the tar archive ({type(exc).__name__}: {exc})") from None
 
@@ -400,14 +462,21 @@ def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
         raise DatasetError(f"unreadable file {path}: {type(exc).__name__}: {exc}") from None
 
 
-def _verify_pair(sample_id: str, image_path: Path, mask_path: Path) -> None:
-    """Decode one pair as :func:`load_split` does (the readers raise for bad pixels and labels); compare sizes."""
+def _verify_pair(sample_id: str, image_path: Path, mask_path: Path, num_classes: int | None = None) -> None:
+    """Decode one pair as :func:`load_split` does (the readers raise for bad pixels and labels); compare sizes
+    and, when classes are declared, the label range."""
     image = read_image(image_path)
     labels = read_mask(mask_path)
     if image.shape[1:] != labels.shape:
         raise DatasetError(
             f"image/mask size mismatch for {sample_id!r}: {image_path} is {_hw(image.shape[1:])} but "
             f"{mask_path} is {_hw(labels.shape)}"
+        )
+    if num_classes is not None and labels.size and labels.max() >= num_classes:
+        outside = np.unique(labels[labels >= num_classes])
+        raise DatasetError(
+            f"mask {mask_path} holds label(s) {_names(outside.tolist())} outside the declared classes "
+            f"0..{num_classes - 1} (num_classes={num_classes})"
         )
 
 

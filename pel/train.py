@@ -10,7 +10,9 @@ Training steps run under bf16 autocast on CUDA (``amp``), clip the global gradie
 a warm-up + constant/cosine learning-rate schedule. Every ``snapshot_every`` steps rank 0 writes
 ``out_dir/snapshot.pt`` (weights, optimiser, scheduler, best-so-far, every rank's RNG states); a run that finds one
 in its ``out_dir`` resumes from it, so an interrupted job restarted on the same folder ends with the same weights
-as an uninterrupted one. The snapshot is removed once ``summary.json`` is written.
+as an uninterrupted one. The snapshot is removed once ``summary.json`` is written. ``snapshot.json`` names the step
+and inode of the current snapshot, for a supervisor that copies snapshots away (worker/tasks.py). A loss that
+turns NaN or infinite fails the run at that step (``FloatingPointError``), before it reaches the weights.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from pel import distributed
-from pel.checkpoint import load_checkpoint, save_checkpoint
+from pel.checkpoint import load_model, save_model
 from pel.config import LOSS_REGIONS, TrainConfig, UNetConfig
 from pel.data import Sample, load_split, num_classes_for, open_dataset
 from pel.inference import sliding_window_predict
 from pel.losses import CompoundLoss
 from pel.metrics import ObjectMetrics, SegmentationMetrics, label_instances
 from pel.models import UNet
+from pel.models.zoo import check_model_io
 from pel.patches import crop, pad_to_min, random_positions
 
 __all__ = ["train"]
@@ -48,6 +51,7 @@ MIN_EVAL_PATCH = 256
 EVAL_BATCH = 4
 SNAPSHOT = "snapshot.pt"
 SNAPSHOT_FORMAT = "pel-tune.snapshot/1"
+SNAPSHOT_INFO = "snapshot.json"  # {"step", "inode"} of the current snapshot.pt
 
 
 def train(
@@ -106,6 +110,7 @@ class _Trainer:
             ce_weight=config.ce_weight,
             alpha=config.alpha,
             n=config.n,
+            compile=config.compile_loss,
         )
         # AdamW with weight_decay 0 is exactly Adam.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -140,23 +145,24 @@ class _Trainer:
         self.masks = [pad_to_min(s.mask, (p, p)) for s in train_samples]
         self.with_foreground = np.flatnonzero([m.any() for m in self.masks])
 
-    def _build_model(self) -> UNet:
+    def _build_model(self) -> torch.nn.Module:
+        """The init checkpoint's model (any format PEL Tune accepts, checked against this job before any step),
+        or a fresh U-Net; sets ``model_format``/``model_architecture``, the kind of file the result is saved as."""
         if self.init_checkpoint is not None:
-            model, _ = load_checkpoint(self.init_checkpoint)
-            c = model.config
-            if c.out_channels != self.num_classes:
-                raise ValueError(
-                    f"the init checkpoint predicts {c.out_channels} classes but target {self.config.target!r} "
-                    f"needs {self.num_classes}"
-                )
-            if c.in_channels != self.index.channels:
-                raise ValueError(
-                    f"the init checkpoint expects {c.in_channels}-channel images but the dataset's images have "
-                    f"{self.index.channels} channel(s)"
-                )
+            loaded = load_model(self.init_checkpoint)
+            model, self.model_format, self.model_architecture = loaded.model, loaded.format, loaded.architecture
+            p = self.config.patch_size
+            check_model_io(
+                model,
+                in_channels=self.index.channels,
+                num_classes=self.num_classes,
+                target=self.config.target,
+                sizes=(p, max(p, MIN_EVAL_PATCH)),  # the training patch and the evaluation window
+            )
         else:
             arch = {**self.config.model, "in_channels": self.index.channels, "out_channels": self.num_classes}
             model = UNet(UNetConfig.from_dict(arch))
+            self.model_format, self.model_architecture = "pel-tune", {"name": "unet", **model.config.to_dict()}
         return model.to(self.info.device)
 
     def _load_shard(self, split: str, ids: list[str], *, with_instances: bool = False) -> list[Sample]:
@@ -173,7 +179,7 @@ class _Trainer:
         log = self._open_log() if is_main else None
         try:
             for step in range(self.start_step + 1, cfg.steps + 1):
-                terms, lr = self._train_step()
+                terms, lr = self._train_step(step)
                 for key, value in terms.items():
                     self.sums[key] = self.sums[key] + value if key in self.sums else value
                 self.count += 1
@@ -206,9 +212,11 @@ class _Trainer:
         best_dice, best_step = self.best_dice, self.best_step
         self.model.load_state_dict(self.best_state)
         if is_main:
-            save_checkpoint(
+            save_model(  # the kind of file the init checkpoint was: TorchScript in, TorchScript out
                 self.out_dir / "model.pt",
                 self.model,
+                self.model_format,
+                self.model_architecture,
                 meta={
                     "mode": cfg.mode,
                     "target": cfg.target,
@@ -234,6 +242,7 @@ class _Trainer:
         _write_json_atomic(self.out_dir / "summary.json", summary)
         # The job is complete: its outputs replace the snapshot, and a rerun on this folder starts afresh.
         (self.out_dir / SNAPSHOT).unlink(missing_ok=True)
+        (self.out_dir / SNAPSHOT_INFO).unlink(missing_ok=True)
         return summary
 
     def _open_log(self) -> IO[str]:
@@ -291,6 +300,9 @@ class _Trainer:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(snapshot, tmp)
         os.replace(tmp, path)
+        # For a supervisor that ships snapshots elsewhere without loading them: which step, and which file (inode)
+        # holds it, so a copy taken while the next snapshot replaces this one is never labelled with this step.
+        _write_json_atomic(self.out_dir / SNAPSHOT_INFO, {"step": step, "inode": os.stat(path).st_ino})
 
     def _restore_snapshot(self) -> bool:
         """Load ``out_dir/snapshot.pt`` if there is one (every rank reads it); True when resuming."""
@@ -332,8 +344,9 @@ class _Trainer:
             torch.cuda.set_rng_state(rng["cuda"], device)
         return True
 
-    def _train_step(self) -> tuple[dict[str, Tensor], float]:
-        """One optimiser step; returns the detached loss terms and the learning rate the step used."""
+    def _train_step(self, step: int) -> tuple[dict[str, Tensor], float]:
+        """One optimiser step; returns the detached loss terms and the learning rate the step used. A loss that is
+        NaN or infinite stops the run here, before it poisons the weights (nothing is saved: no model.pt)."""
         images, masks = self._sample_batch()
         device = self.info.device
         x = torch.from_numpy(images).to(device, non_blocking=True)
@@ -344,6 +357,9 @@ class _Trainer:
             logits = self.net(x)
         # The loss stays outside autocast: it computes in float32 whatever the logits' dtype.
         terms = self.loss_fn.terms(logits, y)
+        loss = float(terms["loss"].detach())  # one host sync per step: the price of failing at the step it happens
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {step}; no checkpoint was saved")
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.config.grad_clip is not None:

@@ -155,6 +155,26 @@ def alembic_upgrade_head(database_url: str, *, env: Mapping[str, str] | None = N
     assert result.returncode == 0, f"alembic upgrade head failed:\n{result.stdout}\n{result.stderr}"
 
 
+# -- API keys -------------------------------------------------------------------------------------------------------
+
+
+def local_api_key(home: Path) -> str | None:
+    """The default tenant's key an API in development mode generated under ``home`` (None before it started)."""
+    from api.auth import read_local_keys
+    from api.settings import LOCAL_KEYS_FILE
+
+    keys = read_local_keys(Path(home) / LOCAL_KEYS_FILE)
+    return keys.api_key if keys is not None else None
+
+
+def auth_headers(home: Path) -> dict[str, str]:
+    """Headers for an HTTP client of a real API process started with PELTUNE_HOME=home (the e2e stacks)."""
+    key = local_api_key(home)
+    if key is None:
+        raise RuntimeError(f"no local API key under {home}: has the API started in development mode?")
+    return {"Authorization": f"Bearer {key}"}
+
+
 # -- Redis ----------------------------------------------------------------------------------------------------------
 
 

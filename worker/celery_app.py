@@ -15,6 +15,11 @@ options:
   a busy worker holds no second message that another idle worker could run.
 - ``visibility_timeout`` (Redis) = longest job + 1 h: Redis redelivers unacknowledged messages after it; a shorter
   one would start a long job twice. ``peltune.run_job`` is idempotent regardless: it claims the job row first.
+- Recovery does not wait for that redelivery: every worker process runs a reaper thread (``worker.tasks.
+  reap_periodically``) that puts a running job whose heartbeat went stale (its worker was SIGKILLed, its host
+  died) back in the queue and sends its message (it resumes from its last snapshot), and re-sends the message of a
+  job still queued long after it was sent (Redis restarted or flushed). The SQL row, not the broker, is the
+  source of truth; a duplicate message is harmless.
 - ``--without-gossip --without-mingle``: no broadcast chatter; workers share nothing but the queue.
 """
 
@@ -29,12 +34,14 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready
 
 from api.db.session import dispose_engines
+from api.logs import install_worker_logging
 from api.queue import celery_config
 from api.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
+install_worker_logging()  # JSON log lines carrying the running job's id and tenant (api/logs.py)
 
 app = Celery("peltune", include=["worker.tasks"])
 app.conf.update(
@@ -42,7 +49,7 @@ app.conf.update(
     task_acks_late=True,
     worker_prefetch_multiplier=1,
     # A task whose worker died is not requeued by Celery: the job row already says "running", and the stale-job
-    # reaper fails it (its ranks may still be alive elsewhere, so re-running it blindly would be wrong).
+    # reaper requeues it once its heartbeat is stale (its ranks died with the worker by the parent-death signal).
     task_reject_on_worker_lost=False,
     # A broker hiccup must not kill an hour-long training run; a redelivered message is harmless (claim).
     worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -73,9 +80,10 @@ _reaper_lock = threading.Lock()
 
 
 def _start_stale_job_reaper() -> None:
-    """Every worker process fails stale running jobs periodically (a daemon thread; once per process: threads do
-    not survive a fork, so a pool child starts its own). An idle worker thus fails a killed worker's job once its
-    heartbeat is Settings.heartbeat_timeout_s stale, without waiting for a new job or a worker start."""
+    """Every worker process recovers stale running jobs and re-sends lost messages periodically (a daemon thread;
+    once per process: threads do not survive a fork, so a pool child starts its own). An idle worker thus requeues
+    (or, with no attempts left, fails) a killed worker's job once its heartbeat is Settings.heartbeat_timeout_s
+    stale, without waiting for a new job or a worker start."""
     global _reaper_pid
     with _reaper_lock:
         if _reaper_pid == os.getpid():

@@ -1,17 +1,24 @@
 """``peltune.run_job``: run one training job end to end, exactly once.
 
-1. Claim the row (conditional UPDATE queued -> running). A redelivered message, or a second worker, finds it
-   claimed and exits without touching it.
+1. Claim the row (conditional UPDATE queued -> running, counting the attempt). A redelivered message, or a second
+   worker, finds it claimed (or cancelled) and exits without touching it.
 2. Stage inputs into ``{work_dir}/{job_id}``: the dataset (an archive is downloaded and unpacked; a ``file://``
    folder is used in place) and, for a fine-tune, the init checkpoint (always copied, and its size and sha256
    checked against its row: a changed checkpoint fails the job); write ``config.json`` (a TrainConfig).
+   A retry first downloads the job's last snapshot (``jobs/{id}/snapshot.pt`` in the object store) into ``out/``,
+   so the trainer resumes from it: weights, optimizer, LR schedule, step and RNG states.
 3. Launch ``worker.train_entry`` (1 process, or torchrun with N ranks) in its own process group, output to
-   ``train.log``, and follow ``out/metrics.jsonl`` into SQL every poll (metric points, step, progress, heartbeat).
+   ``train.log``, and every poll: follow ``out/metrics.jsonl`` into SQL (metric points, step, progress, heartbeat),
+   upload a new ``snapshot.pt`` to the object store, and stop if the row is no longer running (cancelled).
 4. Exit 0: upload ``model.pt`` as a new Checkpoint row and store ``summary.json`` on the job -> succeeded.
-   Otherwise -> failed, with the ranks' ``error-rank*.txt`` (or the log's tail) as the reason.
+   A rank killed by a signal (or the worker stopping) -> queued again while attempts are left
+   (``Settings.max_attempts``); any other failure -> failed, with the ranks' ``error-rank*.txt`` (or the log's
+   tail) as the reason.
 
-Whatever happens in between (an exception, a timeout, the worker being told to stop), the training process group
-is killed and the job is left succeeded or failed, never running.
+Whatever happens in between (an exception, a timeout, a cancel, the worker being told to stop), the training
+process group is killed and the job is left succeeded, failed, cancelled or queued for a retry, never running.
+Database writes of a running job are retried with backoff (``Settings.db_retry_s``): training goes on through a
+database outage and the outcome is recorded once the database is back.
 """
 
 from __future__ import annotations
@@ -19,25 +26,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.db import crud
-from api.db.models import JobKind, JobStatus, new_id
+from api.db.models import FINAL_STATUSES, JobKind, JobStatus, new_id
 from api.db.session import get_sessionmaker, session_scope
-from api.queue import RUN_JOB_TASK
+from api.queue import RUN_JOB_TASK, EnqueueError, enqueue_job
 from api.settings import Settings, get_settings
 from api.storage import StorageError, file_digest, file_uri_path, get_store, localize, store_for_uri
 from pel.config import TrainConfig
 from pel.data import DatasetError, extract_archive
+from pel.models.intake import IntakeError, inspect_file, write_spec
 from worker.celery_app import app
 from worker.launcher import TrainingProcess, build_command
 
@@ -49,8 +61,47 @@ LOG_TAIL_BYTES = 3000
 HEARTBEAT_EVERY_S = 10.0
 
 
+T = TypeVar("T")
+
+
 class JobFailed(Exception):
-    """The job cannot succeed; the message is the reason stored on the job."""
+    """This attempt cannot succeed; the message is the reason stored on the job. ``retryable``: the cause is
+    outside the job (a rank killed by a signal: OOM killer, preemption), so another attempt may well succeed."""
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+class JobStopped(Exception):
+    """The row stopped being "running" under us (cancelled, or requeued by a reaper): kill the training, record
+    nothing."""
+
+
+# Per database URL, the monotonic time until which this process does not judge heartbeats: right after a database
+# outage every job's heartbeat is stale only because nobody could write it.
+_db_trouble_until: dict[str, float] = {}
+
+
+def note_db_trouble(settings: Settings) -> None:
+    _db_trouble_until[settings.database_url] = time.monotonic() + settings.heartbeat_timeout_s
+
+
+def with_db_retry(what: str, job_id: str, settings: Settings, action: Callable[[], T]) -> T:
+    """``action()``, retried with exponential backoff (0.5 s doubling up to 30 s) while the database is unreachable,
+    for up to ``settings.db_retry_s``: a job must not be lost because PostgreSQL restarted under it."""
+    deadline = time.monotonic() + settings.db_retry_s
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except SQLAlchemyError as exc:
+            note_db_trouble(settings)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: could not %s (retrying in %.1f s): %s", job_id, what, delay, exc)
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
 
 
 class Heartbeat:
@@ -74,6 +125,7 @@ class Heartbeat:
                         self.lost = True
                         return
             except SQLAlchemyError as exc:  # a database blip must not stop the training; try again next beat
+                note_db_trouble(self.settings)
                 log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
 
     def __enter__(self) -> Heartbeat:
@@ -98,6 +150,10 @@ class JobSpec:
     checkpoint_id: str | None = None
     checkpoint_size: int | None = None
     checkpoint_sha256: str | None = None
+    checkpoint_format: str = "pel-tune"
+    checkpoint_architecture: dict[str, Any] | None = None
+    attempt: int = 1
+    resume_step: int = 0
 
     @property
     def input_name(self) -> str:
@@ -111,6 +167,8 @@ class Output:
     size_bytes: int
     sha256: str
     summary: dict[str, Any] | None
+    format: str = "pel-tune"
+    architecture: dict[str, Any] | None = None
 
 
 # A database that is down before the claim would otherwise drop the message and strand the job as queued; after
@@ -125,7 +183,7 @@ def execute_job(job_id: str, *, settings: Settings) -> JobStatus | None:
     """Run the job if this call claims it; returns its status afterwards (None for an unknown id)."""
     reap_stale_jobs(settings)
     with session_scope(settings.database_url) as session:
-        claimed = crud.claim_job(session, job_id=job_id)
+        claimed = crud.claim_job(session, job_id=job_id, worker=socket.gethostname())
         if not claimed:
             job = crud.get_job(session, job_id=job_id)
             status = job.status if job is not None else None
@@ -136,33 +194,97 @@ def execute_job(job_id: str, *, settings: Settings) -> JobStatus | None:
     log.info("job %s claimed", job_id)
     job_dir = settings.work_dir / job_id
     output: Output | None = None
+    # Unless the attempt ends below, the worker itself is stopping (cold shutdown): another attempt is in order.
     error: str | None = "the worker stopped before the job finished"
+    retryable, stopped = True, False
     spec: JobSpec | None = None
     try:
         with Heartbeat(job_id, settings) as heartbeat:
             spec = load_spec(job_id, settings)
             output = run_claimed(spec, job_dir, settings, heartbeat)
         error = None
+    except JobStopped as exc:
+        error, stopped = str(exc), True
     except JobFailed as exc:
-        error = str(exc)
+        error, retryable = str(exc), exc.retryable
     except Exception as exc:
         log.exception("job %s: unexpected error", job_id)
-        error = f"worker error: {type(exc).__name__}: {exc}"
+        error, retryable = f"worker error: {type(exc).__name__}: {exc}", False
     finally:
-        # Also reached on KeyboardInterrupt/SystemExit (cold worker shutdown): the row must not stay "running".
-        status = record_outcome(job_id, spec, output, error, settings)
+        # Also reached on KeyboardInterrupt/SystemExit (cold worker shutdown): the row must not stay "running", and
+        # a job put back in the queue gets its message. A stopped job is someone else's to record (and to send).
+        if not stopped:
+            status = record_outcome(job_id, spec, output, error, settings, retryable=retryable)
+            if status is JobStatus.queued:
+                _send(job_id, settings)
+    if stopped:
+        status = _status_of(job_id, settings)
     log.info("job %s %s%s", job_id, status.value if status else "not recorded", f": {error}" if error else "")
+    if status in FINAL_STATUSES:
+        _drop_snapshot(job_id, settings)
     if status is JobStatus.succeeded and not settings.keep_work_dirs:
         shutil.rmtree(job_dir, ignore_errors=True)
     return status
 
 
+def _status_of(job_id: str, settings: Settings) -> JobStatus | None:
+    def read() -> JobStatus | None:
+        with session_scope(settings.database_url) as session:
+            job = crud.get_job(session, job_id=job_id)
+            return job.status if job is not None else None
+
+    return with_db_retry("read the job's status", job_id, settings, read)
+
+
+def _send(job_id: str, settings: Settings) -> None:
+    """Send a run_job message for a job just put back in the queue; if the broker is down, the reconciler
+    re-sends it after Settings.requeue_after_s."""
+    try:
+        enqueue_job(job_id, settings)
+    except EnqueueError as exc:
+        log.warning("job %s: queued again, but its message was not sent (the reconciler will): %s", job_id, exc)
+
+
+def snapshot_key(job_id: str) -> str:
+    return f"jobs/{job_id}/snapshot.pt"
+
+
+def _drop_snapshot(job_id: str, settings: Settings) -> None:
+    """A finished job needs no snapshot; a failure to delete one only leaves a file behind."""
+    try:
+        store = get_store(settings)
+        if store.exists(snapshot_key(job_id)):
+            store.delete(snapshot_key(job_id))
+    except (StorageError, OSError) as exc:
+        log.warning("job %s: could not delete its snapshot: %s", job_id, exc)
+
+
 def reap_stale_jobs(settings: Settings) -> list[str]:
+    """Put running jobs whose worker is gone back in the queue (attempts permitting, and send their messages) or
+    fail them; re-send the messages of jobs queued for longer than Settings.requeue_after_s (a broker restart may
+    have lost them). Returns the ids of the stale jobs. Skipped right after a database outage, when every
+    heartbeat looks stale only because nobody could write it."""
+    if time.monotonic() < _db_trouble_until.get(settings.database_url, 0.0):
+        return []
     with session_scope(settings.database_url) as session:
-        reaped = crud.fail_stale_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
-    for job_id in reaped:
-        log.warning("job %s failed: its worker stopped sending heartbeats", job_id)
-    return reaped
+        requeued, failed = crud.recover_stale_jobs(
+            session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts
+        )
+    for job_id in failed:
+        log.warning("job %s failed: its worker stopped sending heartbeats and no attempts are left", job_id)
+        _drop_snapshot(job_id, settings)
+    for job_id in requeued:
+        log.warning("job %s queued again: its worker stopped sending heartbeats", job_id)
+        _send(job_id, settings)
+    with session_scope(settings.database_url) as session:
+        resend = crud.jobs_to_resend(session, older_than_s=settings.requeue_after_s)
+    for job_id in resend:
+        # Harmless if the broker still holds the first message: whichever delivery comes first claims the row.
+        log.warning(
+            "job %s still queued %.0f s after its message was sent: sending it again", job_id, settings.requeue_after_s
+        )
+        _send(job_id, settings)
+    return requeued + failed
 
 
 def reaper_interval_s(settings: Settings) -> float:
@@ -172,13 +294,16 @@ def reaper_interval_s(settings: Settings) -> float:
 
 def reap_periodically(settings: Settings, stop: threading.Event, interval_s: float | None = None) -> None:
     """Run the stale-job reaper now and then every interval until stop is set. Every worker process runs this in a
-    daemon thread, so a job whose worker was killed is failed on time even when no worker starts another job. A
+    daemon thread, so a job whose worker was killed is requeued (or failed) on time even when no worker starts
+    another job, and a message the broker lost is sent again. A
     database error (not migrated yet, down for a moment) is logged and tried again at the next round."""
     interval = reaper_interval_s(settings) if interval_s is None else interval_s
     while True:
         try:
             reap_stale_jobs(settings)
         except Exception as exc:
+            if isinstance(exc, SQLAlchemyError):
+                note_db_trouble(settings)
             log.warning("could not check for stale running jobs (will retry in %.0f s): %s", interval, exc)
         if stop.wait(interval):
             return
@@ -218,6 +343,10 @@ def load_spec(job_id: str, settings: Settings) -> JobSpec:
             checkpoint_id=checkpoint.id if checkpoint else None,
             checkpoint_size=checkpoint.size_bytes if checkpoint else None,
             checkpoint_sha256=checkpoint.sha256 if checkpoint else None,
+            checkpoint_format=checkpoint.format if checkpoint else "pel-tune",
+            checkpoint_architecture=checkpoint.architecture if checkpoint else None,
+            attempt=job.attempt,
+            resume_step=job.resume_step,
         )
 
 
@@ -229,14 +358,88 @@ def run_claimed(spec: JobSpec, job_dir: Path, settings: Settings, heartbeat: Hea
     config_path = write_config(spec, job_dir / "config.json")
     out_dir = job_dir / "out"
     out_dir.mkdir()
+    restore_snapshot(spec, out_dir, settings)
     argv = build_command(nprocs=spec.nprocs, config=config_path, dataset=dataset_dir, out=out_dir, init=init)
     log_path = job_dir / "train.log"
     log.info("job %s: launching %s", spec.id, " ".join(argv))
+    shipper = SnapshotShipper(spec.id, out_dir, settings)
     with TrainingProcess(argv, log_path=log_path, cwd=job_dir) as process:
-        code = supervise(process, MetricsFollower(out_dir / "metrics.jsonl"), spec.id, settings, heartbeat)
+        code = supervise(process, MetricsFollower(out_dir / "metrics.jsonl"), spec.id, settings, heartbeat, shipper)
     if code != 0:
-        raise JobFailed(failure_reason(out_dir, log_path, code))
+        raise JobFailed(failure_reason(out_dir, log_path, code), retryable=killed_by_signal(log_path, code))
     return publish(spec, out_dir, settings)
+
+
+def restore_snapshot(spec: JobSpec, out_dir: Path, settings: Settings) -> None:
+    """Before a retry: put the job's last snapshot where the trainer looks (``out/snapshot.pt``) and drop the metric
+    points past its step, which the resumed run writes again. No snapshot (none written yet, or lost): from step 0."""
+    step = 0
+    if spec.resume_step > 0:
+        try:
+            get_store(settings).get_file(snapshot_key(spec.id), out_dir / SNAPSHOT)
+            step = spec.resume_step
+            log.info("job %s: attempt %d resumes from the snapshot at step %d", spec.id, spec.attempt, step)
+        except StorageError as exc:
+            log.warning("job %s: its snapshot could not be fetched, starting from step 0: %s", spec.id, exc)
+            (out_dir / SNAPSHOT).unlink(missing_ok=True)
+
+    def drop_points() -> None:
+        with session_scope(settings.database_url) as session:
+            crud.delete_metric_points_after(session, job_id=spec.id, step=step)
+
+    with_db_retry("drop metric points past the resume step", spec.id, settings, drop_points)
+
+
+SNAPSHOT = "snapshot.pt"
+SNAPSHOT_INFO = "snapshot.json"
+
+
+class SnapshotShipper:
+    """Copies each new ``out/snapshot.pt`` to the object store (``jobs/{id}/snapshot.pt``) and records its step on
+    the job, so a retry on any machine resumes from it. The object store rather than the worker's disk: a worker
+    that died may never come back, and its replacement may be another host.
+
+    The trainer writes ``snapshot.json`` ({"step", "inode"}) after each ``snapshot.pt``; the shipper hard-links the
+    snapshot (a stable copy for free, even while the next one replaces it) and ships it only when the link's inode
+    is the one the info names, so an upload is never labelled with a step it does not hold."""
+
+    def __init__(self, job_id: str, out_dir: Path, settings: Settings) -> None:
+        self.job_id = job_id
+        self.out_dir = out_dir
+        self.settings = settings
+        self.shipped_step = 0
+
+    def poll(self) -> None:
+        try:
+            info = json.loads((self.out_dir / SNAPSHOT_INFO).read_text())
+            step, inode = int(info["step"]), int(info["inode"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # none yet, or being written
+        if step <= self.shipped_step:
+            return
+        link = self.out_dir.parent / ".snapshot-upload.pt"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(self.out_dir / SNAPSHOT, link)
+        except OSError:
+            return
+        try:
+            if os.stat(link).st_ino != inode:
+                return  # replaced since the info was written; the next poll sees the next info
+            get_store(self.settings).put_file(snapshot_key(self.job_id), link)
+        except StorageError as exc:
+            log.warning("job %s: could not upload the snapshot of step %d (will retry): %s", self.job_id, step, exc)
+            return
+        finally:
+            link.unlink(missing_ok=True)
+        self.shipped_step = step
+        try:
+            with session_scope(self.settings.database_url) as session:
+                crud.record_snapshot(session, job_id=self.job_id, step=step)
+        except SQLAlchemyError as exc:  # the object is there; a retry that does not know it starts from step 0
+            note_db_trouble(self.settings)
+            self.shipped_step = 0  # record it again at the next poll
+            log.warning("job %s: could not record the snapshot of step %d: %s", self.job_id, step, exc)
 
 
 def stage_inputs(spec: JobSpec, inputs: Path, settings: Settings) -> tuple[Path, Path | None]:
@@ -247,7 +450,12 @@ def stage_inputs(spec: JobSpec, inputs: Path, settings: Settings) -> tuple[Path,
             dataset_dir = file_uri_path(spec.dataset_uri)  # registered in place: read, never copied or deleted
         else:
             archive = localize(spec.dataset_uri, inputs / "archive", settings)
-            dataset_dir = extract_archive(archive, inputs / "dataset")
+            dataset_dir = extract_archive(
+                archive,
+                inputs / "dataset",
+                max_bytes=settings.max_archive_bytes,
+                max_members=settings.max_archive_members,
+            )
             if archive.is_relative_to(inputs):
                 archive.unlink()  # a downloaded copy; the unpacked folder is all training needs
         init = None
@@ -260,7 +468,9 @@ def stage_inputs(spec: JobSpec, inputs: Path, settings: Settings) -> tuple[Path,
 
 def stage_checkpoint(spec: JobSpec, dest_dir: Path, settings: Settings) -> Path:
     """Copy the init checkpoint into the job's folder (never used in place, even from ``file://``) and check the
-    copy's size and sha256 against the row: training only ever reads bytes that match what was registered."""
+    copy's size and sha256 against the row: training only ever reads bytes that match what was registered. The
+    row's format and architecture go beside it (``<file>.json``, pel.models.intake.write_spec) for the trainer,
+    which loads the model and checks it against the job (weights fit, channels) before any training step."""
     assert spec.checkpoint_uri is not None
     store, key = store_for_uri(spec.checkpoint_uri, settings)
     path = store.get_file(key, dest_dir / (Path(key).name or "model.pt"))
@@ -270,6 +480,7 @@ def stage_checkpoint(spec: JobSpec, dest_dir: Path, settings: Settings) -> Path:
             f"checkpoint {spec.checkpoint_id} changed since it was registered (sha256 {sha256}, {size} bytes; "
             f"registered sha256 {spec.checkpoint_sha256}, {spec.checkpoint_size} bytes)"
         )
+    write_spec(path, spec.checkpoint_format, spec.checkpoint_architecture)
     return path
 
 
@@ -315,34 +526,52 @@ class MetricsFollower:
 
 
 def supervise(
-    process: TrainingProcess, follower: MetricsFollower, job_id: str, settings: Settings, heartbeat: Heartbeat
+    process: TrainingProcess,
+    follower: MetricsFollower,
+    job_id: str,
+    settings: Settings,
+    heartbeat: Heartbeat,
+    shipper: SnapshotShipper | None = None,
 ) -> int:
-    """Wait for the training to exit, copying metrics into SQL as they appear; returns its exit code."""
+    """Wait for the training to exit, copying metrics into SQL and snapshots to the object store as they appear;
+    returns its exit code. Every poll also asks the row whether the job is still ours: a cancelled job raises
+    JobStopped here, and leaving the TrainingProcess block kills its whole process group."""
     deadline = time.monotonic() + settings.job_timeout_s
     pending: list[dict[str, Any]] = []
     while True:
         code = process.wait(timeout=settings.poll_interval_s)
         pending += follower.read_new()
-        if pending and _write_progress(job_id, pending, settings) is False:
+        if shipper is not None:
+            shipper.poll()
+        if _write_progress(job_id, pending, settings) is False:
             heartbeat.lost = True
         if heartbeat.lost:
-            raise JobFailed("the job stopped being running while it trained (failed by another process)")
+            status = _status_of(job_id, settings)
+            raise JobStopped(f"the job stopped being running while it trained (now {status.value if status else '?'})")
         if code is not None:
-            for _ in range(3):  # the last points matter (final step, validation); give the database a few tries
-                if not pending or _write_progress(job_id, pending, settings) is not None:
-                    break
-                time.sleep(1.0)
+            # The last points matter (final step, validation): wait for the database if it is away.
+            with_db_retry("record the last metric points", job_id, settings, partial(_flush, job_id, pending, settings))
             return code
         if time.monotonic() > deadline:
             raise JobFailed(f"timed out: still training after {settings.job_timeout_s:.0f} s (PELTUNE_JOB_TIMEOUT_S)")
 
 
+class _DatabaseDown(SQLAlchemyError):
+    """_write_progress reported a database failure (it logs and swallows the original)."""
+
+
+def _flush(job_id: str, pending: list[dict[str, Any]], settings: Settings) -> None:
+    if pending and _write_progress(job_id, pending, settings) is None:
+        raise _DatabaseDown("the database is unreachable")
+
+
 def _write_progress(job_id: str, pending: list[dict[str, Any]], settings: Settings) -> bool | None:
     """Store pending points (clearing them) and refresh step/progress/heartbeat. None if the database failed:
-    training goes on and the points are retried at the next poll."""
+    training goes on and the points are retried at the next poll. False when the job is no longer running."""
     try:
         with session_scope(settings.database_url) as session:
-            crud.add_metric_points(session, job_id=job_id, points=pending)
+            if pending:
+                crud.add_metric_points(session, job_id=job_id, points=pending)
             last = pending[-1] if pending else None
             running = crud.record_progress(
                 session,
@@ -350,7 +579,11 @@ def _write_progress(job_id: str, pending: list[dict[str, Any]], settings: Settin
                 step=last["step"] if last else None,
                 total_steps=_int_or_none(last.get("total_steps")) if last else None,
             )
+            if not running:
+                session.rollback()  # not ours any more: its points are not ours to add either
+                return False
     except SQLAlchemyError as exc:
+        note_db_trouble(settings)
         log.warning("job %s: could not record progress (will retry): %s", job_id, exc)
         return None
     pending.clear()
@@ -390,6 +623,16 @@ def failure_reason(out_dir: Path, log_path: Path, code: int) -> str:
     return f"{first or f'training {_how(code)}'}; end of its log:\n{_tail(log_path)}"[:ERROR_TEXT_LIMIT]
 
 
+def killed_by_signal(log_path: Path, code: int) -> bool:
+    """Whether the training (or, under torchrun, the rank that failed first) was killed by a signal: the OOM
+    killer, a preempted host, an operator. Worth another attempt, unlike an error the training reported itself
+    (a bad checkpoint or a NaN loss fails the same way every time)."""
+    if code < 0:
+        return True
+    root = ROOT_CAUSE.search(_tail(log_path))
+    return root is not None and int(root[2]) < 0
+
+
 def _how(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
@@ -421,16 +664,52 @@ def publish(spec: JobSpec, out_dir: Path, settings: Settings) -> Output:
             summary = json_safe(json.loads(summary_path.read_text()))
         except ValueError as exc:
             log.warning("job %s: unreadable summary.json: %s", spec.id, exc)
+    # The trainer writes the kind of file it was given; the row says which, torch-free, as registration does.
+    try:
+        inspection = inspect_file(model)
+    except IntakeError as exc:
+        raise JobFailed(f"training wrote an unreadable model.pt: {exc}") from None
+    architecture = inspection.architecture
+    if architecture is None and spec.kind is JobKind.finetune and inspection.format == spec.checkpoint_format:
+        architecture = spec.checkpoint_architecture  # a state_dict's architecture is the one it was trained as
     size, sha256 = file_digest(model)
     checkpoint_id = new_id()
-    uri = get_store(settings).put_file(f"checkpoints/{checkpoint_id}/model.pt", model)
-    return Output(checkpoint_id=checkpoint_id, uri=uri, size_bytes=size, sha256=sha256, summary=summary)
+    name = "model.safetensors" if inspection.format == "safetensors" else "model.pt"
+    uri = get_store(settings).put_file(f"checkpoints/{checkpoint_id}/{name}", model)
+    return Output(
+        checkpoint_id=checkpoint_id,
+        uri=uri,
+        size_bytes=size,
+        sha256=sha256,
+        summary=summary,
+        format=inspection.format,
+        architecture=architecture,
+    )
 
 
 def record_outcome(
-    job_id: str, spec: JobSpec | None, output: Output | None, error: str | None, settings: Settings
+    job_id: str,
+    spec: JobSpec | None,
+    output: Output | None,
+    error: str | None,
+    settings: Settings,
+    *,
+    retryable: bool = False,
 ) -> JobStatus | None:
-    """Write the final state: the output Checkpoint row and "succeeded" together, or "failed" with the reason."""
+    """Write the attempt's outcome, retrying while the database is away (Settings.db_retry_s): the output
+    Checkpoint row and "succeeded" together; or, for a retryable failure with attempts left, "queued" again (the
+    caller sends the message); else "failed" with the reason."""
+    return with_db_retry(
+        "record its outcome",
+        job_id,
+        settings,
+        partial(_record_outcome_once, job_id, spec, output, error, settings, retryable),
+    )
+
+
+def _record_outcome_once(
+    job_id: str, spec: JobSpec | None, output: Output | None, error: str | None, settings: Settings, retryable: bool
+) -> JobStatus | None:
     with get_sessionmaker(settings.database_url)() as session:
         try:
             if error is None and output is not None and spec is not None:
@@ -442,6 +721,8 @@ def record_outcome(
                     size_bytes=output.size_bytes,
                     sha256=output.sha256,
                     source_job_id=job_id,
+                    format=output.format,
+                    architecture=output.architecture,
                 )
                 finished = crud.finish_job(
                     session,
@@ -451,18 +732,28 @@ def record_outcome(
                     output_checkpoint_id=output.checkpoint_id,
                 )
             else:
-                finished = crud.finish_job(
-                    session, job_id=job_id, status=JobStatus.failed, error=error or "unknown error"
-                )
+                error = error or "unknown error"
+                job = crud.get_job(session, job_id=job_id)
+                attempt = job.attempt if job is not None else 0
+                if retryable and attempt < settings.max_attempts:
+                    finished = crud.retry_job(
+                        session,
+                        job_id=job_id,
+                        reason=f"{error} (attempt {attempt} of {settings.max_attempts}; queued again)",
+                    )
+                else:
+                    if retryable:
+                        error = f"{error} (attempt {attempt} of {settings.max_attempts}; no attempts left)"
+                    finished = crud.finish_job(session, job_id=job_id, status=JobStatus.failed, error=error)
             if finished:
                 session.commit()
             else:  # someone else finished it (the reaper): their verdict stands, ours (and its checkpoint) goes
                 session.rollback()
+            session.expire_all()  # the UPDATEs bypassed the identity map: read the row afresh
             job = crud.get_job(session, job_id=job_id)
             return job.status if job is not None else None
         except BaseException:
             session.rollback()
-            log.exception("job %s: could not record its outcome", job_id)
             raise
 
 

@@ -38,8 +38,28 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    # pre_ping: the worker holds connections across hour-long jobs; the database may have dropped them.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    settings = get_settings()
+    # pre_ping: pooled connections may be dead (the worker holds them across hour-long jobs; the server may have
+    # restarted): each checkout tests its connection and reconnects, so service resumes by itself once the
+    # database is back. connect_timeout and pool_timeout bound how long a request waits on a database that is
+    # down (it then gets 503, see api/errors.py); TCP keepalives notice a server that vanished mid-connection.
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": settings.db_connect_timeout_s,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        pool_timeout=settings.db_pool_timeout_s,
+        connect_args=connect_args,
+    )
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -9,6 +9,7 @@ file is hashed and counted as it arrives, and the request is refused with 413 th
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -19,9 +20,12 @@ from typing import Any
 import anyio.to_thread
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
-from api.errors import InvalidField, PayloadTooLarge
+from api.errors import ClientGone, DomainError, InvalidField, PayloadTooLarge
+
+log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
@@ -165,6 +169,17 @@ async def receive_form(request: Request, *, max_file_bytes: int, tmp_root: Path)
                 parser.finalize()
             except FormParserError as exc:
                 raise InvalidField(("body",), f"malformed multipart body: {exc}") from None
+            except ClientDisconnect:
+                # Not an error of ours: no traceback; the partial file goes with tmp_dir below.
+                log.info("%s %s: client disconnected mid-upload", request.method, request.url.path)
+                raise ClientGone("client disconnected before the upload finished") from None
+            if parser.state != MultipartState.END:
+                # The stream ended without the closing boundary: the upload was cut short, so what arrived is
+                # not the client's whole file and must not be stored.
+                raise DomainError(
+                    "malformed multipart body: it ends before the closing boundary "
+                    f"(--{params[b'boundary'].decode('latin-1')}--); the upload is incomplete"
+                )
         received = None
         if collector.filename is not None:
             received = ReceivedFile(
@@ -206,11 +221,12 @@ def display_name(given: str | None, source: str, suffixes: tuple[str, ...]) -> s
     return name[:255] or "unnamed"
 
 
-def upload_body(file_description: str) -> dict[str, Any]:
+def upload_body(file_description: str, extra_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """OpenAPI for a registration form (the route reads the body itself, so FastAPI cannot infer it)."""
     form_schema = {
         "type": "object",
         "properties": {
+            **(extra_fields or {}),
             FILE_FIELD: {"type": "string", "format": "binary", "description": file_description},
             "uri": {
                 "type": "string",

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import StreamingResponse
 
 from api.db import crud
 from api.db.models import Checkpoint, new_id
-from api.deps import CheckpointDep, SessionDep, SettingsDep, StoreDep, UploadFormDep
+from api.deps import (
+    CheckpointDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    UploadFormDep,
+    check_uri_allowed,
+    get_tenant,
+)
 from api.errors import Conflict, InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
 from api.schemas import CheckpointOut
@@ -25,67 +35,107 @@ from api.storage import (
     file_uri_path,
     localize,
     normalise_uri,
+    removed_on_error,
     store_for_uri,
 )
+from pel.models.intake import IntakeError, inspect_file, parse_architecture, resolve
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[Depends(get_tenant)])
 
 
-def is_torch_file(path: Path) -> bool:
-    """torch.save's zip layout (``<name>/data.pkl`` inside a zip). Loading is the worker's job: the API never
-    unpickles user files."""
-    if not path.is_file():
-        return False
+def inspect_checkpoint(path: Path, declared: str | None, loc: tuple[str, ...]) -> tuple[str, dict[str, Any] | None]:
+    """(format, architecture) for the file at ``path``, checked torch-free (pel.models.intake), or a 422 naming the
+    problem: an unknown file, a pickle that references anything but tensors (never unpickled for real), an invalid
+    or missing architecture, or weights that do not fit it (missing/unexpected keys and shape mismatches)."""
+    architecture = None
+    if declared is not None:
+        try:
+            architecture = parse_architecture(declared)
+        except IntakeError as exc:
+            raise InvalidField(("body", "architecture"), str(exc)) from None
     try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
-    except zipfile.BadZipFile:
-        return False
+        inspection = inspect_file(path)
+    except IntakeError as exc:
+        raise InvalidField(loc, f"{NOT_A_CHECKPOINT}: {exc}", kind="invalid_checkpoint") from None
+    try:
+        return resolve(inspection, architecture)
+    except IntakeError as exc:
+        raise InvalidField(loc, str(exc), kind="invalid_checkpoint") from None
 
 
-NOT_A_CHECKPOINT = "not a PyTorch checkpoint (expected a torch.save zip file containing data.pkl)"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+NOT_A_CHECKPOINT = "not a PyTorch checkpoint"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, openapi_extra=upload_body("a torch.save checkpoint file (model.pt)")
+    "",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=upload_body(
+        "a model file: a PEL Tune checkpoint, a TorchScript module, or a state_dict (.pt or .safetensors)",
+        extra_fields={
+            "architecture": {
+                "type": "string",
+                "description": 'JSON; required for a state_dict or safetensors file: {"name": "unet", "width": 16, '
+                '"depth": 3, ...} (the built-in U-Net) or {"name": "smp", "arch": "Unet", "encoder": "resnet34", '
+                '"in_channels": 1, "classes": 2}',
+            }
+        },
+    ),
 )
 def register_checkpoint(
-    form: UploadFormDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+    tenant: TenantDep, form: UploadFormDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> CheckpointOut:
-    """Upload a checkpoint (multipart ``file``) or register one by ``uri``.
+    """Upload a model file (multipart ``file``) or register one by ``uri``, with an optional ``architecture``.
 
-    A ``file://`` checkpoint is copied into the object store, as an upload is (the row's uri is the store's): a
-    later change at the source path (a rewrite, a symlink swapped in) can reach neither downloads nor jobs. An
-    ``s3://`` checkpoint is registered in place; its sha256 and size are recorded and every job verifies them.
+    The file's format is detected and its tensors' names and shapes read without torch; the built-in U-Net's
+    weights must fit the declared architecture exactly, else 422 names the missing and unexpected keys and the
+    shape mismatches (smp architectures are checked by the worker, before any training step). Nothing is stored
+    for a refused file. A ``file://`` checkpoint is copied into the object store, as an upload is (the row's uri is
+    the store's): a later change at the source path (a rewrite, a symlink swapped in) can reach neither downloads
+    nor jobs. An ``s3://`` checkpoint is registered in place; its sha256 and size are recorded and every job
+    verifies them.
     """
     kind, uri = source_of(form)
+    declared = form.text("architecture")
     checkpoint_id = new_id()
     if kind == "file":
         assert form.file is not None
-        if not is_torch_file(form.file.path):
-            raise InvalidField(("body", FILE_FIELD), NOT_A_CHECKPOINT, kind="invalid_checkpoint")
+        fmt, architecture = inspect_checkpoint(form.file.path, declared, ("body", FILE_FIELD))
         name = display_name(form.text("name"), form.file.filename, CHECKPOINT_SUFFIXES)
         key = f"checkpoints/{checkpoint_id}/{safe_name(form.file.filename, 'model.pt')}"
         stored_uri = store.put_file(key, form.file.path)
         size, sha256 = form.file.size, form.file.sha256
     else:
         assert uri is not None
-        stored_uri, size, sha256, source = _inspect_checkpoint_uri(uri, settings, store, checkpoint_id)
+        check_uri_allowed(uri, tenant, settings)
+        stored_uri, key, size, sha256, source, fmt, architecture = _inspect_checkpoint_uri(
+            uri, settings, store, checkpoint_id, declared
+        )
         name = display_name(form.text("name"), source, CHECKPOINT_SUFFIXES)
-    checkpoint = crud.create_checkpoint(
-        session, checkpoint_id=checkpoint_id, name=name, uri=stored_uri, size_bytes=size, sha256=sha256
-    )
-    session.commit()
+    # A file copied into the store before its row: should the insert fail (database gone), remove it again.
+    with removed_on_error(store, key) if key is not None else contextlib.nullcontext():
+        checkpoint = crud.create_checkpoint(
+            session,
+            checkpoint_id=checkpoint_id,
+            name=name,
+            uri=stored_uri,
+            size_bytes=size,
+            sha256=sha256,
+            format=fmt,
+            architecture=architecture,
+            tenant_id=tenant.id,
+        )
+        session.commit()
     return CheckpointOut.model_validate(checkpoint)
 
 
 def _inspect_checkpoint_uri(
-    uri: str, settings: Settings, store: ObjectStore, checkpoint_id: str
-) -> tuple[str, int, str, str]:
-    """(stored uri, size, sha256, source path or uri for the display name). A ``file://`` source is copied once,
-    checked and digested as that copy, and the copy is what goes into the store (no window between the check and
-    the copy for the source to change)."""
+    uri: str, settings: Settings, store: ObjectStore, checkpoint_id: str, declared: str | None
+) -> tuple[str, str | None, int, str, str, str, dict[str, Any] | None]:
+    """(stored uri, its key in our store (None: registered in place), size, sha256, source path or uri for the
+    display name, format, architecture). A ``file://``
+    source is copied once, checked and digested as that copy, and the copy is what goes into the store (no window
+    between the check and the copy for the source to change)."""
     try:
         uri = normalise_uri(uri)
         with tempfile.TemporaryDirectory(dir=settings.scratch_dir()) as tmp:
@@ -100,10 +150,9 @@ def _inspect_checkpoint_uri(
                     raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
             else:
                 path = localize(uri, Path(tmp), settings)
-            if not is_torch_file(path):
-                raise InvalidField(("body", "uri"), f"{uri}: {NOT_A_CHECKPOINT}", kind="invalid_checkpoint")
+            fmt, architecture = inspect_checkpoint(path, declared, ("body", "uri"))
             size, sha256 = file_digest(path)
-            stored_uri = uri
+            stored_uri, key = uri, None
             if source is not None:
                 key = f"checkpoints/{checkpoint_id}/{safe_name(source.name, 'model.pt')}"
                 stored_uri = store.put_file(key, path)
@@ -111,14 +160,15 @@ def _inspect_checkpoint_uri(
         raise InvalidField(("body", "uri"), str(exc), kind="not_found") from None
     except StorageError as exc:
         raise InvalidField(("body", "uri"), str(exc)) from None
-    return stored_uri, size, sha256, str(source) if source is not None else uri
+    return stored_uri, key, size, sha256, str(source) if source is not None else uri, fmt, architecture
 
 
 @router.get("")
 def list_checkpoints(
-    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    session: SessionDep, tenant: TenantDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
 ) -> list[CheckpointOut]:
-    return [CheckpointOut.model_validate(c) for c in crud.list_checkpoints(session, limit=limit, offset=offset)]
+    rows = crud.list_checkpoints(session, tenant_id=tenant.id, limit=limit, offset=offset)
+    return [CheckpointOut.model_validate(c) for c in rows]
 
 
 @router.get("/{checkpoint_id}")
@@ -148,7 +198,8 @@ def checkpoint_stream(checkpoint: Checkpoint, settings: Settings) -> StreamingRe
             f"checkpoint {checkpoint.id} changed since it was registered "
             f"(size {size} bytes, registered {checkpoint.size_bytes} bytes)"
         )
-    filename = safe_name(checkpoint.name, "model") + ".pt"
+    suffix = ".safetensors" if checkpoint.format == "safetensors" else ".pt"
+    filename = safe_name(checkpoint.name, "model") + suffix
     return StreamingResponse(
         store.open_stream(key),
         media_type="application/octet-stream",

@@ -26,7 +26,7 @@ def test_openapi_documents_every_route_and_the_upload_forms(client: TestClient) 
     ):
         assert path in spec["paths"], path
     form = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(form["properties"]) == {"file", "uri", "name"}
+    assert set(form["properties"]) == {"file", "uri", "name", "num_classes"}
     assert "TrainSettings" in spec["components"]["schemas"]
     assert client.get("/healthz").json() == {"status": "ok"}
 

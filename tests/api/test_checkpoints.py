@@ -1,16 +1,22 @@
-"""/v1/checkpoints: uploads (streamed, size-capped), URI registration, format check, streamed downloads."""
+"""/v1/checkpoints: uploads (streamed, size-capped), URI registration, model intake (format, architecture, fit),
+streamed downloads."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 
 from api.main import create_app
 from api.settings import Settings
 from api.storage import file_uri_path
+from pel.models import UNet, UNetConfig
 from tests.factories import make_checkpoint, make_foreign_torch_file
 from tests.services import S3_BUCKET, s3_client
 
@@ -131,9 +137,10 @@ def test_zip_without_data_pkl_is_refused(client: TestClient, tmp_path: Path) -> 
     assert upload(client, path).status_code == 422
 
 
-def test_a_foreign_torch_file_passes_the_format_check(client: TestClient, tmp_path: Path) -> None:
-    # The API checks the container only (it never unpickles user files); the worker's load rejects it later.
-    assert upload(client, make_foreign_torch_file(tmp_path / "foreign.pt")).status_code == 201
+def test_a_torch_file_that_is_no_state_dict_is_refused(client: TestClient, tmp_path: Path) -> None:
+    response = upload(client, make_foreign_torch_file(tmp_path / "foreign.pt"))
+    assert response.status_code == 422
+    assert "entries that are not tensors: note" in response.json()["detail"][0]["msg"]
 
 
 @pytest.mark.parametrize(
@@ -194,3 +201,160 @@ def test_a_stored_object_of_another_size_is_not_served(client: TestClient, tmp_p
     response = client.get(f"/v1/checkpoints/{body['id']}/download")
     assert response.status_code == 409
     assert f"checkpoint {body['id']} changed since it was registered" in response.json()["detail"]
+
+
+# -- models users bring --------------------------------------------------------------------------------------------
+
+UNET_4_1 = {"name": "unet", "in_channels": 1, "out_channels": 2, "width": 4, "depth": 1, "norm": "batch"}
+SMP = {"name": "smp", "arch": "Unet", "encoder": "resnet18", "in_channels": 1, "classes": 2}
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _FileCreatingPayload:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.path}",))
+
+
+def _unet_state(**config: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(**{"width": 4, "depth": 1, **config})).state_dict()
+
+
+def stored_objects(settings: Settings) -> list[Path]:
+    root = settings.home / "objects"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_each_format_is_registered_with_its_architecture(client: TestClient, tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "own.pt")
+    torch.jit.save(torch.jit.script(_Conv()), tmp_path / "scripted.pt")
+    torch.save(_unet_state(), tmp_path / "weights.pt")
+    save_file(_unet_state(), str(tmp_path / "weights.safetensors"))
+    torch.save({"encoder.conv1.weight": torch.zeros(64, 1, 7, 7)}, tmp_path / "smp.pt")
+    declared = json.dumps({"name": "unet", "width": 4, "depth": 1})  # defaults are filled in on the row
+    cases = [
+        ("own.pt", {}, "pel-tune", UNET_4_1),
+        ("scripted.pt", {}, "torchscript", None),
+        ("weights.pt", {"architecture": declared}, "state_dict", UNET_4_1),
+        ("weights.safetensors", {"architecture": declared}, "safetensors", UNET_4_1),
+        ("own.pt", {"architecture": declared}, "pel-tune", UNET_4_1),  # a declaration that agrees is fine
+        # smp weights cannot be checked without torch: the worker checks them before any training step
+        ("smp.pt", {"architecture": json.dumps(SMP)}, "state_dict", SMP),
+    ]
+    for name, data, fmt, architecture in cases:
+        response = upload(client, tmp_path / name, **data)
+        assert response.status_code == 201, (name, response.text)
+        body = response.json()
+        assert (body["format"], body["architecture"]) == (fmt, architecture), name
+        assert client.get(f"/v1/checkpoints/{body['id']}").json() == body
+    download = client.get(f"/v1/checkpoints/{body['id']}/download")
+    assert 'filename="smp.pt"' in download.headers["content-disposition"]
+
+
+def test_safetensors_by_uri_download_keeps_its_suffix(client: TestClient, tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file(_unet_state(depth=3, norm="group"), str(path))
+    response = client.post(
+        "/v1/checkpoints",
+        data={
+            "uri": path.as_uri(),
+            "architecture": json.dumps({"name": "unet", "width": 4, "norm": "group"}),
+        },
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "w" and body["format"] == "safetensors" and body["architecture"]["norm"] == "group"
+    download = client.get(f"/v1/checkpoints/{body['id']}/download")
+    assert 'filename="w.safetensors"' in download.headers["content-disposition"]
+    assert download.content == path.read_bytes()
+
+
+def test_weights_that_do_not_fit_are_refused_naming_the_keys(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(_unet_state(depth=1), path)
+    before = len(client.get("/v1/checkpoints").json())
+    deeper = json.dumps({"name": "unet", "width": 4, "depth": 2})
+    for response in (
+        upload(client, path, architecture=deeper),
+        client.post("/v1/checkpoints", data={"uri": path.as_uri(), "architecture": deeper}),
+    ):
+        assert response.status_code == 422
+        (error,) = response.json()["detail"]
+        assert error["type"] == "invalid_checkpoint" and error["loc"][:1] == ["body"]
+        assert "do not fit the architecture" in error["msg"]
+        assert "missing keys: encoders.1.0.weight, encoders.1.1.weight" in error["msg"]
+
+    wider = upload(client, path, architecture=json.dumps({"name": "unet", "width": 8, "depth": 1}))
+    assert "shape mismatches: encoders.0.0.weight (checkpoint (4, 1, 3, 3), model (8, 1, 3, 3))" in wider.text
+    state = {**_unet_state(), "extra.weight": torch.zeros(2)}
+    torch.save(state, path)
+    extra = upload(client, path, architecture=json.dumps({"name": "unet", "width": 4, "depth": 1}))
+    assert extra.status_code == 422 and "unexpected keys: extra.weight" in extra.text
+    assert len(client.get("/v1/checkpoints").json()) == before and stored_objects(settings) == []  # nothing kept
+
+
+@pytest.mark.parametrize(
+    ("file", "architecture", "loc", "message"),
+    [
+        ("weights.pt", None, "file", "holds weights only: declare its architecture"),
+        ("weights.pt", "{oops", "architecture", "architecture is not valid JSON"),
+        (
+            "weights.pt",
+            '{"name": "smp", "arch": "Unet", "encoder": "resnet18", "classes": 0}',
+            "architecture",
+            "classes",
+        ),
+        ("scripted.pt", '{"name": "unet"}', "file", "TorchScript file carries its own architecture"),
+        ("own.pt", '{"name": "unet", "width": 8, "depth": 1}', "file", "differs from the one in the file"),
+    ],
+)
+def test_architecture_errors_are_named(
+    client: TestClient, tmp_path: Path, file: str, architecture: str | None, loc: str, message: str
+) -> None:
+    torch.save(_unet_state(), tmp_path / "weights.pt")
+    torch.jit.save(torch.jit.script(_Conv()), tmp_path / "scripted.pt")
+    make_checkpoint(tmp_path / "own.pt")
+    data = {"architecture": architecture} if architecture is not None else {}
+    response = upload(client, tmp_path / file, **data)
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", loc] and message in error["msg"]
+
+
+def test_a_pickle_with_code_is_refused_and_never_runs(client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv.weight": torch.zeros(1), "x": _FileCreatingPayload(marker)}, path)
+    response = upload(client, path, architecture=json.dumps({"name": "unet"}))
+    assert response.status_code == 422
+    assert "refused: data.pkl references posix.system" in response.json()["detail"][0]["msg"]
+    assert not marker.exists() and stored_objects(settings) == []
+
+
+def test_the_client_and_cli_pass_the_architecture(client: TestClient, tmp_path: Path) -> None:
+    from api.cli import build_parser
+    from api.client import ApiError, PelTuneClient
+
+    path = tmp_path / "weights.pt"
+    torch.save(_unet_state(), path)
+    api = PelTuneClient("http://testserver")
+    api._http = client  # the real app, in process (TestClient is an httpx.Client)
+    row = api.register_checkpoint(file=path, architecture={"name": "unet", "width": 4, "depth": 1})
+    assert (row["format"], row["architecture"]) == ("state_dict", UNET_4_1)
+    with pytest.raises(ApiError, match="declare its architecture"):
+        api.register_checkpoint(file=path)
+    args = build_parser().parse_args(["checkpoints", "add", "--file", str(path), "--architecture", '{"name": "unet"}'])
+    assert args.architecture == '{"name": "unet"}'

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from api.db import crud
+from api.db.session import get_sessionmaker
+from api.errors import InvalidField
 from api.main import create_app
+from api.routes.datasets import check_fits
 from api.settings import Settings
+from api.storage import file_digest
 from tests.factories import make_archive, make_dataset
 from tests.services import S3_BUCKET, s3_client
+from tests.tcp_proxy import HttpFaultProxy
 
 
 def upload(client: TestClient, path: Path, **data: str):  # noqa: ANN201 - httpx.Response
@@ -127,6 +134,17 @@ def _float_mask(value: float) -> Callable[[Path], None]:
     return damage
 
 
+def _no_images(folder: Path) -> None:
+    for sub in ("images", "masks"):
+        for path in (folder / sub).iterdir():
+            path.unlink()
+    (folder / "splits.json").unlink()
+
+
+def _garbage_image(folder: Path) -> None:
+    (folder / "images" / "img01.png").write_bytes(b"this is not a PNG at all")
+
+
 def _truncated_png(folder: Path) -> None:
     path = folder / "images" / "img01.png"
     data = path.read_bytes()
@@ -145,6 +163,8 @@ def _truncated_png(folder: Path) -> None:
         (_float_mask(-1.0), "masks/img01.tif holds negative labels"),
         (_float_mask(float("nan")), "masks/img01.tif holds non-integer values"),
         (_truncated_png, "broken/images/img01.png: OSError: image file is truncated"),
+        (_no_images, "empty dataset: no PNG or TIFF images"),
+        (_garbage_image, "broken/images/img01.png: UnidentifiedImageError"),
     ],
 )
 def test_invalid_datasets_are_422_with_the_reason(client: TestClient, tmp_path: Path, damage, message: str) -> None:
@@ -192,7 +212,8 @@ def test_not_an_archive(client: TestClient, tmp_path: Path) -> None:
     path.write_bytes(b"just bytes")
     response = upload(client, path)
     assert response.status_code == 422
-    assert "not a zip or tar archive" in response.json()["detail"][0]["msg"]
+    # Named as the client sent it, not by the server's scratch path.
+    assert response.json()["detail"][0]["msg"] == "data.zip is not a zip or tar archive"
 
 
 def test_unsafe_archive_members_are_refused(client: TestClient, tmp_path: Path) -> None:
@@ -217,3 +238,112 @@ def test_oversize_archive_is_413(settings: Settings, tmp_path: Path) -> None:
     archive = make_archive(make_dataset(tmp_path / "big", n=6, size=(128, 128)), tmp_path / "big.tar")
     with TestClient(create_app(settings.model_copy(update={"max_upload_bytes": 4096}))) as client:
         assert upload(client, archive).status_code == 413
+
+
+def dataset_row(settings: Settings, dataset_id: str):  # noqa: ANN201 - api.db.models.Dataset
+    with get_sessionmaker(settings.database_url)() as session:
+        return crud.get_dataset(session, dataset_id=dataset_id)
+
+
+def stored_objects(settings: Settings) -> list[Path]:
+    root = settings.home / "objects"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.mark.parametrize("archive_name", ["bomb.zip", "bomb.tar.gz"])
+def test_archive_bomb_is_422_and_nothing_is_stored(settings: Settings, tmp_path: Path, archive_name: str) -> None:
+    folder = make_dataset(tmp_path / "bomb", n=3)
+    (folder / "images" / "padding").mkdir()
+    # A member of 8 MiB of zeros: a few KiB compressed, well under the upload limit, far over the unpack limit.
+    (folder / "images" / "padding" / "zeros.bin").write_bytes(bytes(8 * 1024 * 1024))
+    archive = make_archive(folder, tmp_path / archive_name)
+    assert archive.stat().st_size < 100_000
+    with TestClient(create_app(settings.model_copy(update={"max_archive_bytes": 1024 * 1024}))) as client:
+        before = len(client.get("/v1/datasets", params={"limit": 1000}).json())
+        response = upload(client, archive)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", "file"]
+        assert error["msg"].startswith(f"{archive_name}: expands to ")
+        assert "more than the limit of 1048576 bytes" in error["msg"]
+        assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
+    assert stored_objects(settings) == []
+
+
+def test_mask_labels_outside_the_declared_classes_are_422(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    archive = make_archive(make_dataset(tmp_path / "classes", n=3), tmp_path / "classes.zip")  # labels 0..3
+    before = len(client.get("/v1/datasets", params={"limit": 1000}).json())
+    response = upload(client, archive, num_classes="3")
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert "classes/masks/img00.png holds label(s) 3 outside the declared classes 0..2 (num_classes=3)" in error["msg"]
+    assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
+    assert stored_objects(settings) == []
+
+    for bad in ("1", "two", "-3"):
+        response = upload(client, archive, num_classes=bad)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "num_classes"]
+
+    accepted = upload(client, archive, num_classes="4")
+    assert accepted.status_code == 201, accepted.text
+    assert dataset_row(settings, accepted.json()["id"]).num_classes == 4
+
+
+def test_registration_records_the_smallest_image_size_for_patch_checks(
+    client: TestClient, settings: Settings, tmp_path: Path, bbbc039_root: Path
+) -> None:
+    response = client.post("/v1/datasets", data={"uri": make_dataset(tmp_path / "small", n=3).as_uri()})
+    assert response.status_code == 201, response.text
+    small = dataset_row(settings, response.json()["id"])
+    assert (small.min_height, small.min_width) == (48, 64)
+    check_fits(small, {"patch_size": 48})  # fits: no error
+    with pytest.raises(InvalidField) as caught:
+        check_fits(small, {"patch_size": 64})
+    assert caught.value.loc == ("body", "config", "patch_size")
+    assert "patch_size 64 is larger than the images" in caught.value.msg
+    assert "smallest image height 48, smallest width 64" in caught.value.msg
+
+    real = client.post("/v1/datasets", data={"uri": bbbc039_root.as_uri()})
+    assert real.status_code == 201, real.text
+    bbbc039 = dataset_row(settings, real.json()["id"])
+    assert (bbbc039.min_height, bbbc039.min_width) == (520, 696)
+    check_fits(bbbc039, {"patch_size": 512})
+    with pytest.raises(InvalidField, match="use a patch_size of at most 520"):
+        check_fits(bbbc039, {"patch_size": 1024})
+
+
+def test_real_bbbc039_archive_goes_to_s3_as_retried_multipart(
+    s3_endpoint: str, bbbc039_root: Path, tmp_path: Path
+) -> None:
+    """The real dataset as one ~70 MB upload into S3, through an endpoint that refuses the first connections."""
+    archive = tmp_path / "bbbc039.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bbbc039_root, arcname="bbbc039")
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    proxy = HttpFaultProxy((host, int(port)), faults=2)
+    settings = Settings(
+        home=tmp_path / "home",
+        storage_url=f"s3://{S3_BUCKET}/real-{tmp_path.name}",
+        s3_endpoint_url=proxy.endpoint,
+        s3_multipart_threshold_bytes=8 * 1024 * 1024,
+        s3_multipart_chunk_bytes=8 * 1024 * 1024,
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            response = upload(client, archive)
+        assert len(proxy.faulted) == 2
+    finally:
+        proxy.close()
+    assert response.status_code == 201, response.text
+    assert response.json()["splits"] == {"train": 100, "val": 50, "test": 50}
+    key = response.json()["uri"].removeprefix(f"s3://{S3_BUCKET}/")
+    head = s3_client(s3_endpoint).head_object(Bucket=S3_BUCKET, Key=key)
+    parts = -(-archive.stat().st_size // (8 * 1024 * 1024))
+    assert parts > 1 and head["ETag"].strip('"').endswith(f"-{parts}")
+    copy = tmp_path / "copy.tar"
+    s3_client(s3_endpoint).download_file(S3_BUCKET, key, str(copy))
+    assert file_digest(copy) == file_digest(archive)

@@ -24,7 +24,7 @@ from tests.services import REDIS_URL, forget_redis_queue, redis_client
 
 @pytest.fixture
 def dataset_id(client: TestClient, tmp_path: Path) -> str:
-    folder = make_dataset(tmp_path / "ds", n=4)
+    folder = make_dataset(tmp_path / "ds", n=4, size=(128, 160))  # room for the default 128-pixel patch
     response = client.post("/v1/datasets", data={"uri": folder.as_uri()})
     assert response.status_code == 201, response.text
     return response.json()["id"]
@@ -282,7 +282,7 @@ def test_job_message_lands_in_a_real_redis_queue(settings: Settings, dataset_id:
 
 
 def test_dataset_archive_then_job(client: TestClient, tmp_path: Path) -> None:
-    archive = make_archive(make_dataset(tmp_path / "zipped", n=4), tmp_path / "zipped.zip")
+    archive = make_archive(make_dataset(tmp_path / "zipped", n=4, size=(128, 128)), tmp_path / "zipped.zip")
     with open(archive, "rb") as stream:
         dataset = client.post("/v1/datasets", files={"file": ("zipped.zip", stream)}).json()
     response = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset["id"], "nprocs": 2})
@@ -294,3 +294,141 @@ def test_broker_errors_never_show_passwords() -> None:
 
     assert _redact("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
     assert _redact("filesystem://") == "filesystem://"
+
+
+def test_cancel_a_queued_job_then_it_never_runs(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    job = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200, response.text
+    cancelled = response.json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    with session_scope(settings.database_url) as session:
+        assert not crud.claim_job(session, job_id=job["id"])  # its message arrives later: nothing to run
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert again.json()["detail"] == (
+        f"job {job['id']} is already cancelled: only queued or running jobs can be cancelled"
+    )
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()
+    assert [(e["from_status"], e["to_status"], e["reason"]) for e in events] == [
+        (None, "queued", "submitted"),
+        ("queued", "cancelled", "cancelled by request"),
+    ]
+    assert client.post("/v1/jobs/abc/cancel").status_code == 404
+
+
+def test_every_transition_is_an_event_and_finished_jobs_cannot_be_cancelled(
+    client: TestClient, settings: Settings, dataset_id: str
+) -> None:
+    job_id = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()["id"]
+    with session_scope(settings.database_url) as session:
+        assert crud.claim_job(session, job_id=job_id, worker="host-a")
+        assert crud.retry_job(session, job_id=job_id, reason="rank 1 was killed by SIGKILL")
+        assert crud.claim_job(session, job_id=job_id)
+        assert not crud.retry_job(session, job_id="0" * 32, reason="no such job")
+        assert crud.finish_job(session, job_id=job_id, status=JobStatus.failed, error="ValueError: bad")
+        with pytest.raises(ValueError, match="illegal job transition failed -> running"):
+            crud._transition(session, job_id, JobStatus.failed, JobStatus.running, reason="resurrect")
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["attempt"] == 2 and job["error"] == "ValueError: bad"
+    events = client.get(f"/v1/jobs/{job_id}/events").json()
+    assert [(e["from_status"], e["to_status"], e["reason"]) for e in events] == [
+        (None, "queued", "submitted"),
+        ("queued", "running", "attempt 1 on host-a"),
+        ("running", "queued", "rank 1 was killed by SIGKILL"),
+        ("queued", "running", "attempt 2"),
+        ("running", "failed", "ValueError: bad"),
+    ]
+    times = [e["at"] for e in events]
+    assert times == sorted(times)
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 409 and "already failed" in response.json()["detail"]
+
+
+def test_cancel_a_running_job_marks_it_for_its_worker(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    job_id = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()["id"]
+    with session_scope(settings.database_url) as session:
+        assert crud.claim_job(session, job_id=job_id)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    with session_scope(settings.database_url) as session:
+        # What the supervising worker sees at its next poll: the job is no longer its to run or to finish.
+        assert not crud.record_progress(session, job_id=job_id, step=3)
+        assert not crud.finish_job(session, job_id=job_id, status=JobStatus.succeeded)
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_idempotency_key_returns_the_same_job(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    key = f"submit-{uuid.uuid4().hex}"
+    body = {"kind": "baseline", "dataset_id": dataset_id, "config": {"steps": 20}}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    # The same request again (a client retry after a timeout), spelled differently: same job, no second message.
+    same = {"config": {"steps": 20, "lr": TrainConfig().lr}, "nprocs": 1, **body}
+    second = client.post("/v1/jobs", json=same, headers={"Idempotency-Key": key})
+    assert second.status_code == 200 and second.json()["id"] == first.json()["id"]
+    assert len(queued_messages(settings)) == 1
+
+    other = client.post("/v1/jobs", json={**body, "config": {"steps": 21}}, headers={"Idempotency-Key": key})
+    assert other.status_code == 409
+    assert other.json()["detail"] == (
+        f"Idempotency-Key {key!r} was already used for a different request (job {first.json()['id']}); "
+        "use a new key for a new job"
+    )
+    # Without a key, or with another key, the same body is a new job.
+    assert client.post("/v1/jobs", json=body).json()["id"] != first.json()["id"]
+    fresh = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"{key}-2"})
+    assert fresh.status_code == 201 and fresh.json()["id"] != first.json()["id"]
+    assert len(queued_messages(settings)) == 3
+    too_long = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+
+
+def test_the_client_submits_idempotently_cancels_and_reads_events(client: TestClient, dataset_id: str) -> None:
+    from api.client import ApiError, PelTuneClient
+
+    api = PelTuneClient("http://testserver")
+    api._http = client  # the same httpx interface, served in-process (what `pel-tune jobs ...` calls)
+    key = f"cli-{uuid.uuid4().hex}"
+    job = api.submit_job(kind="baseline", dataset_id=dataset_id, config={"steps": 5}, idempotency_key=key)
+    assert api.submit_job(kind="baseline", dataset_id=dataset_id, config={"steps": 5}, idempotency_key=key) == job
+    assert api.cancel_job(job["id"])["status"] == "cancelled"
+    assert [e["to_status"] for e in api.events(job["id"])] == ["queued", "cancelled"]
+    with pytest.raises(ApiError, match="is already cancelled") as refused:
+        api.cancel_job(job["id"])
+    assert refused.value.status_code == 409
+
+
+def test_compile_loss_is_an_opt_in_boolean_setting(client: TestClient, settings: Settings, dataset_id: str) -> None:
+    body = {"kind": "baseline", "dataset_id": dataset_id}
+    response = client.post("/v1/jobs", json={**body, "config": {"compile_loss": True, "steps": 5}})
+    assert response.status_code == 201, response.text
+    assert response.json()["config"]["compile_loss"] is True
+    assert TrainConfig.from_dict({**response.json()["config"], "mode": "baseline"}).compile_loss is True
+    assert client.post("/v1/jobs", json=body).json()["config"]["compile_loss"] is False  # off unless asked for
+    for bad in ("true", 1, None):
+        rejected = client.post("/v1/jobs", json={**body, "config": {"compile_loss": bad}})
+        assert rejected.status_code == 422, bad
+        assert any(e["loc"][-1] == "compile_loss" for e in rejected.json()["detail"]), rejected.json()
+    assert len(queued_messages(settings)) == 2
+
+
+def test_a_patch_larger_than_the_smallest_image_is_refused_at_submission(client: TestClient, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "small", n=4, size=(48, 64))
+    dataset = client.post("/v1/datasets", data={"uri": folder.as_uri()}).json()
+    assert (dataset["min_height"], dataset["min_width"]) == (48, 64)
+    before = client.get("/v1/jobs").json()
+    job = {"kind": "baseline", "dataset_id": dataset["id"]}
+    refused = client.post("/v1/jobs", json={**job, "config": {"patch_size": 64}})
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"][0]
+    assert detail["loc"] == ["body", "config", "patch_size"]
+    assert "patch_size 64" in detail["msg"] and "smallest image height 48" in detail["msg"]
+    assert client.get("/v1/jobs").json() == before  # nothing queued
+    fits = client.post("/v1/jobs", json={**job, "config": {"patch_size": 48}})
+    assert fits.status_code == 201, fits.text
+
+
+def test_a_negative_learning_rate_is_refused_naming_the_field(client: TestClient, dataset_id: str) -> None:
+    refused = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": {"lr": -1e-3}})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "config", "lr"]

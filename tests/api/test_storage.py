@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ from api.storage import (
     ObjectStore,
     S3Store,
     StorageError,
+    file_digest,
     file_uri_path,
     localize,
     store_for_uri,
     store_from_url,
 )
 from tests.services import S3_BUCKET, s3_client
+from tests.tcp_proxy import HttpFaultProxy
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -140,3 +143,101 @@ def test_s3_failures_are_storage_errors_naming_the_object(
             with pytest.raises(StorageError, match=f"s3://{S3_BUCKET}/p/k") as caught:
                 method(*args)
             assert not isinstance(caught.value, ObjectNotFound)
+
+
+# ------------------------------------------------------------------------------------ S3 faults and large files
+
+MiB = 1024 * 1024
+
+
+def s3_store_via(endpoint: str, tmp_path: Path, **settings: object) -> S3Store:
+    """An S3Store with the service's own retry/transfer configuration built from Settings."""
+    config = Settings(home=tmp_path, s3_endpoint_url=endpoint, **settings)
+    return S3Store(S3_BUCKET, f"faults-{os.getpid()}-{tmp_path.name}", endpoint_url=endpoint, settings=config)
+
+
+def moto_address(s3_endpoint: str) -> tuple[str, int]:
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_s3_errors_are_retried_with_backoff(s3_endpoint: str, tmp_path: Path) -> None:
+    source = tmp_path / "blob.bin"
+    source.write_bytes(os.urandom(100_000))
+    proxy = HttpFaultProxy(moto_address(s3_endpoint), faults=2)  # the first two requests get 503 SlowDown
+    try:
+        store = s3_store_via(proxy.endpoint, tmp_path, s3_max_attempts=4)
+        store.put_file("k.bin", source)
+        assert [line.split()[0] for line in proxy.faulted] == ["PUT", "PUT"]  # the same upload, twice refused
+        proxy.faults = 2
+        copy = store.get_file("k.bin", tmp_path / "copy.bin")
+        assert len(proxy.faulted) == 4
+    finally:
+        proxy.close()
+    assert copy.read_bytes() == source.read_bytes()
+
+
+def test_s3_read_timeouts_are_retried(s3_endpoint: str, tmp_path: Path) -> None:
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"stalled once")
+    # The first request is never answered: the client gives up after its read timeout and tries again.
+    proxy = HttpFaultProxy(moto_address(s3_endpoint), faults=1, stall_s=5)
+    try:
+        store = s3_store_via(proxy.endpoint, tmp_path, s3_read_timeout_s=1, s3_max_attempts=3)
+        store.put_file("stalled.bin", source)
+        assert store.size("stalled.bin") == source.stat().st_size
+        assert len(proxy.faulted) == 1
+    finally:
+        proxy.close()
+
+
+def test_s3_gives_up_after_max_attempts_naming_the_object(s3_endpoint: str, tmp_path: Path) -> None:
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"x")
+    proxy = HttpFaultProxy(moto_address(s3_endpoint), faults=1000)  # the store is down for good
+    try:
+        store = s3_store_via(proxy.endpoint, tmp_path, s3_max_attempts=3)
+        with pytest.raises(StorageError, match=rf"{store.uri('k.bin')}: .*\(503\).*max retries") as caught:
+            store.size("k.bin")
+        assert not isinstance(caught.value, ObjectNotFound)
+        assert len(proxy.faulted) == 3  # exactly s3_max_attempts tries, then a clear error
+        with pytest.raises(StorageError, match=store.uri("k.bin")):
+            store.put_file("k.bin", source)
+        assert len(proxy.faulted) == 6
+    finally:
+        proxy.close()
+
+
+def test_large_files_go_up_and_down_as_multipart_streams(s3_endpoint: str, tmp_path: Path) -> None:
+    size = 40 * MiB + 17  # nine parts of at most 5 MiB
+    source = tmp_path / "large.bin"
+    with open(source, "wb") as out:
+        for _ in range(40):
+            out.write(os.urandom(MiB))
+        out.write(os.urandom(17))
+    _, digest = file_digest(source)
+    # Through a proxy that refuses the first three connections: failed parts are retried on their own.
+    proxy = HttpFaultProxy(moto_address(s3_endpoint), faults=3)
+    try:
+        store = s3_store_via(
+            proxy.endpoint, tmp_path, s3_multipart_threshold_bytes=5 * MiB, s3_multipart_chunk_bytes=5 * MiB
+        )
+        tracemalloc.start()
+        try:
+            store.put_file("large.bin", source)
+            _, upload_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            copy = store.get_file("large.bin", tmp_path / "copy.bin")
+            _, download_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(proxy.faulted) == 3
+    finally:
+        proxy.close()
+    head = s3_client(s3_endpoint).head_object(Bucket=S3_BUCKET, Key=store.key("large.bin"))
+    assert head["ContentLength"] == size
+    assert head["ETag"].strip('"').endswith("-9")  # a multipart object's ETag counts its parts
+    assert file_digest(copy) == (size, digest)
+    print(f"peak Python memory: upload {upload_peak / MiB:.1f} MiB, download {download_peak / MiB:.1f} MiB")
+    # Streamed, not read whole: the peak stays well below the file's size.
+    assert upload_peak < size / 2 and download_peak < size / 2

@@ -516,3 +516,72 @@ def test_archive_errors(tmp_path: Path) -> None:
     two = {f"{top}/{k}": v for top in ("one", "two") for k, v in files.items()}
     with pytest.raises(DatasetError, match=r"several folders hold images/ and masks/ \(one, two\)"):
         extract_archive(_zip(tmp_path / "b.zip", two), tmp_path / "out3")
+
+
+# ------------------------------------------------------------------------------------- archive bombs, classes
+
+MiB = 1024 * 1024
+
+
+def _files_written(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    files = _dataset_files(tmp_path)
+    archive = _zip(tmp_path / "bomb.zip", files)
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf, zf.open("images/zeros.png", "w") as member:
+        for _ in range(64):
+            member.write(bytes(MiB))  # 64 MiB of zeros: about 64 KiB compressed
+    assert archive.stat().st_size < MiB
+    total = 64 * MiB + sum(len(data) for data in files.values())
+    with pytest.raises(DatasetError, match=rf"bomb\.zip: expands to {total} bytes, more than the limit of 16777216"):
+        extract_archive(archive, tmp_path / "out", max_bytes=16 * MiB)
+    assert _files_written(tmp_path / "out") == []
+    # Under a cap it fits, it unpacks (the cap is the only thing that refused it).
+    extract_archive(archive, tmp_path / "ok", max_bytes=128 * MiB)
+    assert (tmp_path / "ok" / "images" / "zeros.png").stat().st_size == 64 * MiB
+
+
+def test_tar_bomb_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, data in _dataset_files(tmp_path).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("images/zeros.png")
+        info.size = 64 * MiB
+        with open("/dev/zero", "rb") as zeros:
+            tf.addfile(info, zeros)
+    assert archive.stat().st_size < MiB
+    with pytest.raises(DatasetError, match=r"bomb\.tar\.gz: expands to \d+ bytes, more than the limit of 16777216"):
+        extract_archive(archive, tmp_path / "out", max_bytes=16 * MiB)
+    assert _files_written(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_archives_with_too_many_members_are_refused(tmp_path: Path, kind: str) -> None:
+    files = {**_dataset_files(tmp_path), **{f"images/extra/{i}.txt": b"" for i in range(50)}}
+    archive = _zip(tmp_path / "many.zip", files) if kind == "zip" else _tar(tmp_path / "many.tar", files, "w")
+    with pytest.raises(DatasetError, match=r"too many members \(more than 20\)"):
+        extract_archive(archive, tmp_path / "out", max_members=20)
+    assert _files_written(tmp_path / "out") == []
+
+
+def test_declared_classes_bound_the_mask_labels(tmp_path: Path) -> None:
+    root = synthetic_dataset(tmp_path / "ds", ["a", "b", "c"])  # instance masks with labels 0, 1, 2
+    assert open_dataset(root, verify=True).min_size == (40, 48)
+    assert open_dataset(root, verify=True, num_classes=3).ids == ["a", "b", "c"]
+    with pytest.raises(DatasetError, match=r"masks/a\.png holds label\(s\) 2 outside the declared classes 0\.\.1"):
+        open_dataset(root, verify=True, num_classes=2)
+    with pytest.raises(DatasetError, match="num_classes must be at least 2"):
+        open_dataset(root, num_classes=1)
+
+
+def test_min_size_is_the_smallest_height_and_width(tmp_path: Path) -> None:
+    root = synthetic_dataset(tmp_path / "ds", ["a", "b", "c"], shape=(40, 48))
+    labels = blobs_mask((64, 32), [(20, 16)], radius=5)
+    write_png(root / "images" / "a.png", (labels > 0).astype(np.uint8) * 200)
+    write_png(root / "masks" / "a.png", labels)
+    assert open_dataset(root).min_size == (40, 32)  # heights 64, 40, 40; widths 32, 48, 48

@@ -52,6 +52,8 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "pel_norm": lambda x, t: pel_normalised(x, t, batch=True, ignore_index=255),
     "compound-pel-term": lambda x, t: CompoundLoss("pel", batch=True, ignore_index=255).terms(x, t)["pel"],
     "probabilities": lambda x, t: pel_loss(torch.softmax(x, 1), t.clamp(max=2), batch=True, from_logits=False),
+    # The compiled kernels (compile=True) compute each rank's sums; pooling and the all-reduce are the same code.
+    "compiled-softmax": lambda x, t: pel_loss(x, t, batch=True, ignore_index=255, denominator="jaccard", compile=True),
 }
 
 

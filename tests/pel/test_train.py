@@ -317,11 +317,11 @@ def _recording(crash_at: int | None = None) -> Iterator[dict[int, dict[str, torc
     original = train_module._Trainer._train_step
     calls = itertools.count(1)
 
-    def step(self: Any) -> Any:
+    def step(self: Any, *args: Any) -> Any:
         call = next(calls)
         if call == crash_at:
             raise RuntimeError(f"simulated interruption at step call {call}")
-        result = original(self)
+        result = original(self, *args)
         states[call] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return result
 

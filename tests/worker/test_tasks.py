@@ -201,19 +201,29 @@ def test_unknown_and_unclaimable_jobs_are_left_alone(settings: Settings, tmp_pat
     assert not (settings.work_dir / job_id).exists()
 
 
-def test_stale_running_jobs_are_failed(settings: Settings, tmp_path: Path) -> None:
-    job_id = add_job(settings, kind=JobKind.baseline, dataset_uri=make_dataset(tmp_path / "d").as_uri())
-    with session_scope(settings.database_url) as session:
+def test_stale_running_jobs_are_queued_again_then_failed(settings: Settings, tmp_path: Path) -> None:
+    two = settings.model_copy(update={"max_attempts": 2})
+    job_id = add_job(two, kind=JobKind.baseline, dataset_uri=make_dataset(tmp_path / "d").as_uri())
+    with session_scope(two.database_url) as session:
         crud.claim_job(session, job_id=job_id, now=utcnow() - timedelta(hours=1))
-    assert job_id in reap_stale_jobs(settings)
-    job = job_row(settings, job_id)
-    assert job.status is JobStatus.failed and job.error.startswith("worker lost")
+    assert job_id in reap_stale_jobs(two)
+    job = job_row(two, job_id)
+    assert job.status is JobStatus.queued and job.attempt == 1
+    assert job.error == "worker lost: no heartbeat for more than 300 s during attempt 1 of 2; queued again"
+    assert len(list(Path(two.broker_transport_options()["data_folder_in"]).glob("*.msg"))) == 1  # sent again
+
+    with session_scope(two.database_url) as session:
+        crud.claim_job(session, job_id=job_id, now=utcnow() - timedelta(hours=1))
+    assert job_id in reap_stale_jobs(two)
+    job = job_row(two, job_id)
+    assert job.status is JobStatus.failed and job.attempt == 2
+    assert job.error == "worker lost: no heartbeat for more than 300 s during attempt 2 of 2"
 
 
 def test_an_idle_worker_reaps_stale_jobs_periodically(settings: Settings, tmp_path: Path) -> None:
     assert reaper_interval_s(settings) == 60.0  # the default 300 s timeout: every minute
     assert reaper_interval_s(settings.model_copy(update={"heartbeat_timeout_s": 1.0})) == 0.5
-    quick = settings.model_copy(update={"heartbeat_timeout_s": 1.0})
+    quick = settings.model_copy(update={"heartbeat_timeout_s": 1.0, "max_attempts": 1})
     stop = threading.Event()
     reaper = threading.Thread(target=reap_periodically, args=(quick, stop, 0.2), daemon=True)
     reaper.start()
@@ -245,6 +255,7 @@ def test_a_real_idle_worker_fails_a_killed_workers_job(tmp_path: Path) -> None:
         "PELTUNE_HOME": str(home),
         "PELTUNE_DATABASE_URL": database_url,
         "PELTUNE_HEARTBEAT_TIMEOUT_S": "1",  # the reaper runs every 0.5 s
+        "PELTUNE_MAX_ATTEMPTS": "1",  # no retry: the lost job fails
     }
     argv = [
         *[sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker"],
