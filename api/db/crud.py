@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import CursorResult, Select, delete, select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import (
@@ -29,6 +29,9 @@ from api.db.models import (
     new_id,
     utcnow,
 )
+
+# The tenant-owned tables (each has id, tenant_id and created_at).
+Owned = TypeVar("Owned", Checkpoint, Dataset, Job)
 
 # -- tenants and API keys -------------------------------------------------------------------------------------------
 
@@ -146,21 +149,29 @@ def create_checkpoint(
     return checkpoint
 
 
-def get_checkpoint(session: Session, *, checkpoint_id: str, tenant_id: str | None = None) -> Checkpoint | None:
-    """With ``tenant_id`` (every API read), another tenant's checkpoint is None, exactly like a missing one."""
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    return checkpoint if checkpoint is not None and tenant_id in (None, checkpoint.tenant_id) else None
+def _owned(session: Session, model: type[Owned], row_id: str, tenant_id: str | None) -> Owned | None:
+    """The row, or None when it is missing or (with ``tenant_id``: every API read) another tenant's: the two are
+    indistinguishable to the caller, so ids of other tenants leak nothing."""
+    row = session.get(model, row_id)
+    return row if row is not None and tenant_id in (None, row.tenant_id) else None
 
 
-def list_checkpoints(session: Session, *, tenant_id: str, limit: int = 100, offset: int = 0) -> Sequence[Checkpoint]:
-    query = (
-        select(Checkpoint)
-        .where(Checkpoint.tenant_id == tenant_id)
-        .order_by(Checkpoint.created_at.desc(), Checkpoint.id)
+def _newest_first(model: type[Owned], tenant_id: str, limit: int, offset: int) -> Select[tuple[Owned]]:
+    return (
+        select(model)
+        .where(model.tenant_id == tenant_id)
+        .order_by(model.created_at.desc(), model.id)
         .limit(limit)
         .offset(offset)
     )
-    return session.scalars(query).all()
+
+
+def get_checkpoint(session: Session, *, checkpoint_id: str, tenant_id: str | None = None) -> Checkpoint | None:
+    return _owned(session, Checkpoint, checkpoint_id, tenant_id)
+
+
+def list_checkpoints(session: Session, *, tenant_id: str, limit: int = 100, offset: int = 0) -> Sequence[Checkpoint]:
+    return session.scalars(_newest_first(Checkpoint, tenant_id, limit, offset)).all()
 
 
 # -- datasets -------------------------------------------------------------------------------------------------------
@@ -196,20 +207,11 @@ def create_dataset(
 
 
 def get_dataset(session: Session, *, dataset_id: str, tenant_id: str | None = None) -> Dataset | None:
-    """With ``tenant_id`` (every API read), another tenant's dataset is None, exactly like a missing one."""
-    dataset = session.get(Dataset, dataset_id)
-    return dataset if dataset is not None and tenant_id in (None, dataset.tenant_id) else None
+    return _owned(session, Dataset, dataset_id, tenant_id)
 
 
 def list_datasets(session: Session, *, tenant_id: str, limit: int = 100, offset: int = 0) -> Sequence[Dataset]:
-    query = (
-        select(Dataset)
-        .where(Dataset.tenant_id == tenant_id)
-        .order_by(Dataset.created_at.desc(), Dataset.id)
-        .limit(limit)
-        .offset(offset)
-    )
-    return session.scalars(query).all()
+    return session.scalars(_newest_first(Dataset, tenant_id, limit, offset)).all()
 
 
 # -- jobs -----------------------------------------------------------------------------------------------------------
@@ -255,9 +257,7 @@ def create_job(
 
 
 def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> Job | None:
-    """With ``tenant_id`` (every API read), another tenant's job is None, exactly like a missing one."""
-    job = session.get(Job, job_id)
-    return job if job is not None and tenant_id in (None, job.tenant_id) else None
+    return _owned(session, Job, job_id, tenant_id)
 
 
 def get_job_by_idempotency_key(session: Session, *, key: str, tenant_id: str = DEFAULT_TENANT_ID) -> Job | None:
@@ -267,8 +267,7 @@ def get_job_by_idempotency_key(session: Session, *, key: str, tenant_id: str = D
 def list_jobs(
     session: Session, *, tenant_id: str, status: JobStatus | None = None, limit: int = 100, offset: int = 0
 ) -> Sequence[Job]:
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    query = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    query = _newest_first(Job, tenant_id, limit, offset)
     if status is not None:
         query = query.where(Job.status == status)
     return session.scalars(query).all()
