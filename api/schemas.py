@@ -18,6 +18,8 @@ from api.db.models import ID_PATTERN, JobKind, JobStatus
 from pel.config import TrainConfig
 
 MAX_NPROCS = 64
+# Upper bound of list offsets and step filters: far past any real listing, and inside int64 for every database.
+MAX_OFFSET = 10**12
 
 # Bounds per TrainConfig field (pydantic Field keywords). Fields not listed are checked for their type only.
 CONSTRAINTS: dict[str, dict[str, Any]] = {

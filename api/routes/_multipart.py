@@ -159,8 +159,8 @@ async def receive_form(request: Request, *, max_file_bytes: int, tmp_root: Path)
         sink_path = tmp_dir / "upload.bin"
         with open(sink_path, "wb") as sink:
             collector = _Collector(max_file_bytes)
-            parser = MultipartParser(params[b"boundary"], collector.callbacks())
             try:
+                parser = MultipartParser(params[b"boundary"], collector.callbacks())  # refuses absurd boundaries
                 async for chunk in request.stream():
                     parser.write(chunk)
                     if collector.pending:

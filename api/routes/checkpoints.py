@@ -25,7 +25,7 @@ from api.deps import (
 )
 from api.errors import Conflict, InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
-from api.schemas import CheckpointOut
+from api.schemas import MAX_OFFSET, CheckpointOut
 from api.settings import Settings
 from api.storage import (
     ObjectNotFound,
@@ -165,7 +165,10 @@ def _inspect_checkpoint_uri(
 
 @router.get("")
 def list_checkpoints(
-    session: SessionDep, tenant: TenantDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[CheckpointOut]:
     rows = crud.list_checkpoints(session, tenant_id=tenant.id, limit=limit, offset=offset)
     return [CheckpointOut.model_validate(c) for c in rows]

@@ -30,7 +30,7 @@ from api.deps import (
 )
 from api.errors import InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
-from api.schemas import DatasetOut
+from api.schemas import MAX_OFFSET, DatasetOut
 from api.settings import Settings
 from api.storage import ObjectNotFound, StorageError, file_uri_path, localize, normalise_uri, removed_on_error
 from pel.data import DatasetError, DatasetIndex, extract_archive, open_dataset
@@ -167,7 +167,10 @@ def _index_uri(uri: str, settings: Settings, num_classes: int | None) -> tuple[s
 
 @router.get("")
 def list_datasets(
-    session: SessionDep, tenant: TenantDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[DatasetOut]:
     rows = crud.list_datasets(session, tenant_id=tenant.id, limit=limit, offset=offset)
     return [DatasetOut.model_validate(d) for d in rows]

@@ -19,7 +19,7 @@ from api.errors import Conflict, InvalidField, NotFound, ServiceUnavailable
 from api.queue import EnqueueError, enqueue_job
 from api.routes.checkpoints import checkpoint_stream
 from api.routes.datasets import check_fits
-from api.schemas import JobCreate, JobEventOut, JobOut, MetricsOut
+from api.schemas import MAX_OFFSET, JobCreate, JobEventOut, JobOut, MetricsOut
 from pel.config import TrainConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_tenant)])
@@ -103,21 +103,22 @@ def create_job(
         raise InvalidField(
             ("body", "checkpoint_id"), "a baseline job trains from scratch; omit checkpoint_id", kind="extra_forbidden"
         )
-    job = crud.create_job(
-        session,
-        kind=body.kind,
-        dataset_id=body.dataset_id,
-        checkpoint_id=body.checkpoint_id,
-        nprocs=body.nprocs,
-        config=config,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        tenant_id=tenant.id,
-    )
     try:
+        job = crud.create_job(
+            session,
+            kind=body.kind,
+            dataset_id=body.dataset_id,
+            checkpoint_id=body.checkpoint_id,
+            nprocs=body.nprocs,
+            config=config,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            tenant_id=tenant.id,
+        )
         session.commit()
     except IntegrityError:
-        # A concurrent request with the same key committed first (the key is unique): answer as its replay.
+        # A concurrent request with the same key got there first (the key is unique; the insert or the commit
+        # fails, depending on the database): answer as its replay.
         session.rollback()
         earlier = (
             crud.get_job_by_idempotency_key(session, key=idempotency_key, tenant_id=tenant.id)
@@ -144,7 +145,7 @@ def list_jobs(
     tenant: TenantDep,
     status: JobStatus | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> list[JobOut]:
     rows = crud.list_jobs(session, tenant_id=tenant.id, status=status, limit=limit, offset=offset)
     return [JobOut.model_validate(j) for j in rows]
@@ -178,7 +179,9 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
 def get_metrics(
     job: JobDep,
     session: SessionDep,
-    after_step: int | None = Query(None, description="only points with a larger step (for incremental polling)"),
+    after_step: int | None = Query(
+        None, ge=-1, le=MAX_OFFSET, description="only points with a larger step (for incremental polling)"
+    ),
 ) -> MetricsOut:
     points = crud.list_metric_points(session, job_id=job.id, after_step=after_step)
     return MetricsOut(job_id=job.id, points=[{"step": p.step, **p.values} for p in points])

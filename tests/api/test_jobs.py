@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -432,3 +434,45 @@ def test_a_negative_learning_rate_is_refused_naming_the_field(client: TestClient
     refused = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id, "config": {"lr": -1e-3}})
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"][0]["loc"] == ["body", "config", "lr"]
+
+
+def test_racing_requests_with_one_idempotency_key_get_one_job_and_no_500(
+    client: TestClient, settings: Settings, dataset_id: str
+) -> None:
+    """Eight clients retry the same submission at the same instant: one job, every answer its replay or 409."""
+    key = f"race-{uuid.uuid4().hex}"
+    bodies = [
+        {"kind": "baseline", "dataset_id": dataset_id, "config": {"steps": 20 + i % 2}} for i in range(8)
+    ]  # two different bodies: one of them wins, the other is a conflict
+    barrier = threading.Barrier(len(bodies))
+
+    def submit(body: dict) -> tuple[int, dict]:
+        barrier.wait()
+        response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(submit, bodies))
+    codes = sorted(code for code, _ in answers)
+    assert set(codes) <= {200, 201, 409}, answers
+    assert codes.count(201) == 1
+    winner = next(body for code, body in answers if code == 201)
+    assert all(body["id"] == winner["id"] for code, body in answers if code == 200)
+    assert codes.count(409) == 4 and len(queued_messages(settings)) == 1  # the other body's four requests
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs?offset=99999999999999999999999",
+        "/v1/datasets?offset=9223372036854775808",
+        "/v1/checkpoints?offset=9223372036854775808",
+        "/v1/jobs/{job}/metrics?after_step=99999999999999999999999",
+        "/v1/jobs/{job}/metrics?after_step=-99999999999999999999999",
+    ],
+)
+def test_huge_query_numbers_are_422_not_500(client: TestClient, dataset_id: str, path: str) -> None:
+    job = client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()
+    response = client.get(path.format(job=job["id"]))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] == "query"

@@ -124,3 +124,10 @@ def test_client_disconnect_mid_upload_leaves_no_traceback_and_no_file(
     wait_until(lambda: leftovers(settings) == [], timeout=30, what="temporary files removed")
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("route", ["/v1/datasets", "/v1/checkpoints"])
+def test_an_absurd_multipart_boundary_is_a_clear_4xx(client: TestClient, route: str) -> None:
+    response = client.post(route, content=b"x", headers={"Content-Type": f"multipart/form-data; boundary={'a' * 1000}"})
+    assert response.status_code == 422, response.text
+    assert "malformed multipart body" in response.json()["detail"][0]["msg"]
