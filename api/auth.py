@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.middleware.cors import CORSMiddleware
@@ -29,7 +30,7 @@ from api.db import crud
 from api.db.models import DEFAULT_TENANT_ID, ID_PATTERN, Tenant
 from api.db.session import get_sessionmaker
 from api.settings import Settings, get_settings, refuse_weak_admin_key
-from api.storage import StorageError, file_uri_path, normalise_uri
+from api.storage import file_uri_path, normalise_uri
 
 log = logging.getLogger(__name__)
 
@@ -167,38 +168,43 @@ def normalise_s3_prefix(prefix: str) -> str:
     return f"s3://{parsed.netloc}/{path}/" if path else f"s3://{parsed.netloc}/"
 
 
-def check_registration_uri(uri: str, tenant: Tenant, settings: Settings) -> None:
-    """Refuse a URI this tenant may not register (raises UriRefused naming the allowed place).
+def check_registration_uri(uri: str, tenant: Tenant, settings: Settings) -> str:
+    """The URI in its normalised form (api.storage.normalise_uri), if this tenant may register it; raises UriRefused
+    naming the allowed place, StorageError for a malformed URI.
+
+    Every check reads the normalised form and callers store and use only that form: a spelling the check does
+    not know (``S3://``, ``File:``, ``//``, ``..``) cannot reach what the check refused.
 
     - ``s3://``: only under the tenant's s3_prefix; a tenant without one may use any bucket in development only.
-    - ``file://``: the server reads its own disk, which is nobody's data in a shared deployment: any path in
-      development (the embedded mode is one trusted user), only under file_uri_roots in production.
+    - ``file://``: never the service's own files (its home, database, object store, work and scratch folders), in
+      any environment. The server reads its own disk, which is nobody's data in a shared deployment: any other
+      path in development (the embedded mode is one trusted user), only under file_uri_roots in production.
     Other schemes are left to the storage layer, which names the ones it supports."""
-    uri = uri.strip()
-    if uri.startswith("s3://"):
-        parsed = urlparse(uri)
+    uri = normalise_uri(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
         segments = parsed.path.split("/")
         if ".." in segments or "." in segments or "//" in parsed.path:
             raise UriRefused(f"{uri!r}: '.', '..' and empty path segments are not allowed in s3:// URIs")
         if tenant.s3_prefix is None:
             if settings.env == "development":
-                return
+                return uri
             raise UriRefused(
                 f"tenant {tenant.name!r} has no s3_prefix configured, so it may not register s3:// URIs; "
                 "ask the administrator to set one, or upload the file"
             )
         if not uri.startswith(tenant.s3_prefix):
             raise UriRefused(f"{uri!r} is outside this tenant's bucket/prefix {tenant.s3_prefix}")
-        return
-    if uri.startswith("file:"):
-        try:
-            path = file_uri_path(normalise_uri(uri)).resolve()  # symlinks resolved: no link leads out of a root
-        except StorageError:
-            return  # malformed: the storage layer refuses it with its own message
+        return uri
+    if parsed.scheme == "file":
+        path = file_uri_path(uri).resolve()  # symlinks resolved: no link leads out of a root or into the service
+        owned = service_file(path, settings)
+        if owned is not None:
+            raise UriRefused(f"{uri!r} is {owned}; the service's own files cannot be registered")
         roots = settings.file_uri_root_list
         if not roots:
             if settings.env == "development":
-                return
+                return uri
             raise UriRefused(
                 "file:// URIs are not accepted by this server (PELTUNE_FILE_URI_ROOTS is empty): upload the file "
                 "or register an s3:// URI"
@@ -206,6 +212,37 @@ def check_registration_uri(uri: str, tenant: Tenant, settings: Settings) -> None
         if not any(path.is_relative_to(root) for root in roots):
             allowed = ", ".join(str(root) for root in roots)
             raise UriRefused(f"{uri!r} is outside the folders file:// URIs may come from ({allowed})")
+    return uri
+
+
+def service_file(path: Path, settings: Settings) -> str | None:
+    """What of the service's own a resolved path is (None: nothing). Reading them through a registration would
+    hand out other tenants' objects, keys and rows, and opening the SQLite file at all breaks its locking: closing
+    any descriptor of a file drops every POSIX lock the process holds on it, so another connection's writes could
+    be lost. The answer names the kind, never the server's folder."""
+    database = sqlite_file(settings.database_url)
+    if database is not None and path in {database, *(Path(f"{database}{end}") for end in SQLITE_SIDE_FILES)}:
+        return "the service's database"
+    folders = []
+    if urlparse(settings.storage_url).scheme == "file":
+        folders.append(("object store", file_uri_path(settings.storage_url)))
+    # The home holds the scratch folders (uploads, unpacked archives), the broker's folders and local-keys.json.
+    folders += [("work folder", settings.work_dir), ("home (PELTUNE_HOME)", settings.home)]
+    for what, folder in folders:
+        if folder is not None and path.is_relative_to(folder.resolve()):
+            return f"inside the service's {what}"
+    return None
+
+
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
+    url = make_url(database_url)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
 
 
 # -- CORS -----------------------------------------------------------------------------------------------------------

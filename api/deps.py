@@ -14,10 +14,10 @@ from api.auth import UriRefused, check_registration_uri, same_secret, tenant_for
 from api.db import crud
 from api.db.models import ID_PATTERN, Checkpoint, Dataset, Job, Tenant
 from api.db.session import get_sessionmaker
-from api.errors import NotFound
+from api.errors import InvalidField, NotFound
 from api.routes._multipart import ReceivedForm, receive_form
-from api.settings import Settings, get_settings
-from api.storage import ObjectStore, get_store
+from api.settings import LOCAL_KEYS_FILE, Settings, get_settings
+from api.storage import ObjectStore, StorageError, get_store
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -44,7 +44,14 @@ def get_object_store(settings: SettingsDep) -> ObjectStore:
 StoreDep = Annotated[ObjectStore, Depends(get_object_store)]
 
 
+# Where api.guard.RequestGuard keeps the request's body cap ({"limit": bytes}; None: no cap).
+BODY_CAP = "peltune.body_cap"
+
+
 async def get_upload_form(request: Request, settings: SettingsDep) -> AsyncIterator[ReceivedForm]:
+    if request.headers.get("content-type", "").startswith("multipart/form-data") and BODY_CAP in request.scope:
+        # A file upload streams to disk, limited to max_upload_bytes by receive_form, not by the JSON body cap.
+        request.scope[BODY_CAP]["limit"] = None
     form, tmp_dir = await receive_form(
         request, max_file_bytes=settings.max_upload_bytes, tmp_root=settings.scratch_dir("uploads")
     )
@@ -79,8 +86,11 @@ def _admin_key(request: Request) -> str | None:
     return getattr(request.app.state, "admin_key", None)
 
 
-def _missing_key(settings: Settings) -> HTTPException:
-    hint = f"; this server's local key is in {settings.local_keys_file}" if settings.env == "development" else ""
+def missing_key(settings: Settings) -> HTTPException:
+    # A hint, not the server's path: the caller needs to know which file, not where this server keeps it.
+    hint = (
+        f"; this server's local key is in {LOCAL_KEYS_FILE} under PELTUNE_HOME" if settings.env == "development" else ""
+    )
     return HTTPException(
         status.HTTP_401_UNAUTHORIZED,
         f"missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'{hint}",
@@ -95,7 +105,7 @@ def get_tenant(
     resource router, so it runs before any upload is read."""
     key = presented_key(request)
     if key is None:
-        raise _missing_key(settings)
+        raise missing_key(settings)
     admin = _admin_key(request)
     if admin and same_secret(key, admin):
         raise HTTPException(
@@ -111,18 +121,21 @@ def get_tenant(
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-def check_uri_allowed(uri: str, tenant: Tenant, settings: Settings) -> None:
-    """403 naming the allowed place for a URI this tenant may not register (api.auth.check_registration_uri)."""
+def check_uri_allowed(uri: str, tenant: Tenant, settings: Settings) -> str:
+    """The normalised URI, the only form to store and use; 403 naming the allowed place for a URI this tenant may
+    not register, 422 for a malformed one (api.auth.check_registration_uri)."""
     try:
-        check_registration_uri(uri, tenant, settings)
+        return check_registration_uri(uri, tenant, settings)
     except UriRefused as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"uri: {exc}") from None
+    except StorageError as exc:
+        raise InvalidField(("body", "uri"), str(exc)) from None
 
 
 def require_admin(request: Request, settings: SettingsDep, _b: DeclaredKey, _h: DeclaredHeader) -> None:
     key = presented_key(request)
     if key is None:
-        raise _missing_key(settings)
+        raise missing_key(settings)
     admin = _admin_key(request)
     if not admin or not same_secret(key, admin):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (PELTUNE_ADMIN_KEY)")

@@ -88,10 +88,19 @@ class Settings(BaseSettings):
 
     task_queue: str = Field("peltune", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     max_upload_bytes: int = Field(4 * 1024**3, gt=0)
+    # Every other request body (JSON, url-encoded forms): larger is 413 before it is read into memory (api/guard.py).
+    max_json_bytes: int = Field(1024**2, gt=0)
     # A dataset archive may expand to at most this many bytes and members (zip/tar bombs are refused before any
-    # member is written past the cap); generous for real data (BBBC039: 200 images, ~0.2 GB unpacked).
-    max_archive_bytes: int = Field(32 * 1024**3, gt=0)
+    # member is written past the cap; only the images/, masks/ and splits.json the dataset uses are written). The
+    # bytes land in the API's scratch space at every registration and in the worker's work folder for every job,
+    # so the cap is sized to real use, not to the disk: BBBC039 (200 images) unpacks to ~0.2 GB, and 8 GiB is 40×
+    # that while a bomb can no longer fill a typical scratch volume. Raise it for larger datasets.
+    max_archive_bytes: int = Field(8 * 1024**3, gt=0)
     max_archive_members: int = Field(200_000, gt=0)
+    # Largest image (or mask) in pixels, height × width, read from the file header before any pixel is decoded:
+    # a decompression bomb (a 1 MB zip of blank 13000×13000 16-bit PNGs, under Pillow's own 178M-pixel limit) cost
+    # the API 2.5 GB of memory to verify. 8000×8000 is far above a microscopy field (BBBC039: 520×696).
+    max_image_pixels: int = Field(8000 * 8000, gt=0)
     # PostgreSQL: fail fast when the server is unreachable (the API answers 503 instead of hanging); pre-ping
     # makes a restarted server usable again without restarting the API or the worker.
     db_connect_timeout_s: int = Field(5, ge=1)
@@ -121,8 +130,10 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(900.0, gt=0)
     # How long a worker keeps retrying (with backoff) the database writes of a job it runs before giving up.
     db_retry_s: float = Field(3600.0, gt=0)
-    # Keep a succeeded job's work folder (staged inputs, outputs, log); failed ones are always kept for debugging.
+    # Keep a succeeded job's work folder (staged inputs, outputs, log); failed and cancelled ones are kept for
+    # debugging this long after they finished, then the worker's periodic reaper removes them (else they pile up).
     keep_work_dirs: bool = False
+    keep_failed_work_dirs_s: float = Field(7 * 24 * 3600.0, ge=0)
     # Run `alembic upgrade head` when the API starts (safe with several API processes: migrations take a
     # PostgreSQL advisory lock). Turn off where migrations are a separate release step.
     auto_migrate: bool = True

@@ -321,7 +321,7 @@ def localize(uri: str, tmp_dir: Path, settings: Settings | None = None) -> Path:
 
     A ``file://`` URI may name a folder (datasets registered in place); an S3 URI must name one object.
     """
-    if uri.startswith("file:"):
+    if urlparse(uri).scheme == "file":
         path = file_uri_path(uri)
         if not path.exists():
             raise ObjectNotFound(f"nothing at {uri}")
@@ -332,10 +332,22 @@ def localize(uri: str, tmp_dir: Path, settings: Settings | None = None) -> Path:
 
 
 def normalise_uri(uri: str) -> str:
-    """Canonical spelling of a stored URI (``file:`` URIs as ``Path.as_uri()`` writes them)."""
+    """Canonical spelling of a URI, as the rest of this module reads it: the scheme lower-cased (``urlparse`` does,
+    so ``S3://`` and ``FILE:`` reach the same objects as ``s3://`` and ``file:``), ``file:`` URIs as
+    ``Path.as_uri()`` writes them (host dropped, ``..`` and repeated slashes folded), ``s3:`` as
+    ``s3://bucket/key``. Registration checks read this form and rows store it, so what was checked is what is used.
+    Other schemes come back stripped, for the store to refuse by name."""
     uri = uri.strip()
-    if uri.startswith("file:"):
-        return Path(os.path.normpath(file_uri_path(uri))).as_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        # "//x" is a distinct path on POSIX (normpath keeps two leading slashes): fold it to "/x".
+        return Path(os.path.normpath("/" + str(file_uri_path(uri)).lstrip("/"))).as_uri()
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"S3 URI must name a bucket: {uri!r} (use s3://bucket/key)")
+        if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+            raise StorageError(f"s3:// URIs may not contain '?' or '#': {uri!r}")
+        return f"s3://{parsed.netloc}{parsed.path}"
     return uri
 
 

@@ -47,7 +47,7 @@ _MAX_NAMES = 10
 _DEFAULT_SPLIT_SEED = 0
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 1.0, 99.8
 # Archive bomb limits (the API passes its own settings): total uncompressed bytes and number of members.
-MAX_ARCHIVE_BYTES = 32 * 1024**3
+MAX_ARCHIVE_BYTES = 8 * 1024**3
 MAX_ARCHIVE_MEMBERS = 200_000
 
 
@@ -92,7 +92,13 @@ def num_classes_for(target: str) -> int:
     raise ValueError(f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
 
 
-def open_dataset(root: str | Path, *, verify: bool = False, num_classes: int | None = None) -> DatasetIndex:
+def open_dataset(
+    root: str | Path,
+    *,
+    verify: bool = False,
+    num_classes: int | None = None,
+    max_image_pixels: int | None = None,
+) -> DatasetIndex:
     """Index the dataset at ``root`` and check it can be trained on, reading only the file headers.
 
     Raises :class:`DatasetError` for a missing ``images/`` or ``masks/`` folder, no images, unsupported or
@@ -106,6 +112,10 @@ def open_dataset(root: str | Path, *, verify: bool = False, num_classes: int | N
     declares the masks as class label images (labels 0 to num_classes - 1): a label outside that range is an
     error naming the file and the labels (checked with ``verify``; without a declaration masks are instance
     labels and any non-negative integer is valid).
+
+    An image or mask whose header declares more than ``max_image_pixels`` pixels (height × width; None: no
+    limit; the service passes Settings.max_image_pixels) is refused before anything is decoded: decoding it would
+    need gigabytes of memory, and a decompression bomb compresses a huge blank image to kilobytes.
     """
     if num_classes is not None and num_classes < 2:
         raise DatasetError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
@@ -116,8 +126,8 @@ def open_dataset(root: str | Path, *, verify: bool = False, num_classes: int | N
     for name, folder in folders.items():
         if not folder.is_dir():
             raise DatasetError(f"dataset {root} has no {name}/ folder (expected images/ and masks/ side by side)")
-    image_paths = _list_files(folders["images"])
-    mask_paths = _list_files(folders["masks"])
+    image_paths = _list_files(folders["images"], root)
+    mask_paths = _list_files(folders["masks"], root)
     if not image_paths:
         raise DatasetError(f"empty dataset: no PNG or TIFF images in {folders['images']}")
 
@@ -138,8 +148,8 @@ def open_dataset(root: str | Path, *, verify: bool = False, num_classes: int | N
     channels: dict[int, list[str]] = {}
     sizes: list[tuple[int, int]] = []
     for sample_id in ids:
-        image_size, image_channels = _probe(image_paths[sample_id])
-        mask_size, mask_channels = _probe(mask_paths[sample_id], mask=True)
+        image_size, image_channels = _probe(image_paths[sample_id], max_pixels=max_image_pixels)
+        mask_size, mask_channels = _probe(mask_paths[sample_id], mask=True, max_pixels=max_image_pixels)
         if mask_channels != 1:
             raise DatasetError(
                 f"mask {mask_paths[sample_id]} has {mask_channels} channels; masks must be single-channel label images"
@@ -263,13 +273,17 @@ def extract_archive(
     max_bytes: int = MAX_ARCHIVE_BYTES,
     max_members: int = MAX_ARCHIVE_MEMBERS,
 ) -> Path:
-    """Unpack a zip or tar(.gz/.bz2/.xz) ``archive`` into ``dest``; return the folder holding images/ and masks/.
+    """Unpack the dataset in a zip or tar(.gz/.bz2/.xz) ``archive`` into ``dest``; return the folder holding
+    images/ and masks/.
 
     Every member is checked before anything is written: absolute paths, ``..`` components, symbolic or hard
-    links and special files raise :class:`DatasetError` naming the member, and nothing is extracted. So do
-    archive bombs: more than ``max_members`` members, or member sizes adding up to more than ``max_bytes``
-    uncompressed (the sizes the archive declares; the bytes written are counted too, and extraction stops at the
-    cap should a member expand past its declared size).
+    links and special files raise :class:`DatasetError` naming the member, and nothing is extracted. So does an
+    archive with no dataset in it: the member names must show one folder holding both images/ and masks/. Only
+    what the dataset uses is written (the files directly in that folder's images/ and masks/,
+    and its splits.json); other members (notes, ``__MACOSX``, other folders) never touch the disk. So do
+    archive bombs: more than ``max_members`` members, or sizes of the members to write adding up to more than
+    ``max_bytes`` uncompressed (the sizes the archive declares; the bytes written are counted too, and extraction
+    stops at the cap should a member expand past its declared size).
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -277,12 +291,15 @@ def extract_archive(
     dest.mkdir(parents=True, exist_ok=True)
     limits = _Limits(archive, max_bytes, max_members)
     if zipfile.is_zipfile(archive):
-        _extract_zip(archive, dest, limits)
+        root = _extract_zip(archive, dest, limits)
     elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, dest, limits)
+        root = _extract_tar(archive, dest, limits)
     else:
         raise DatasetError(f"{archive} is not a zip or tar archive")
-    return _find_dataset_root(archive, dest)
+    root_dir = dest.joinpath(*root)
+    for name in ("images", "masks"):  # possibly empty: open_dataset names that problem
+        (root_dir / name).mkdir(parents=True, exist_ok=True)
+    return root_dir
 
 
 @dataclass
@@ -318,13 +335,12 @@ class _Limits:
             out.write(chunk)
 
 
-def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> None:
+def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> tuple[str, ...]:
     member = None
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
             limits.check_members(len(members))
-            limits.check_declared(sum(info.file_size for info in members))
             for info in members:
                 _check_member_name(archive, info.filename)
                 mode = info.external_attr >> 16  # Unix mode when the archiver recorded one; the type bits may be 0
@@ -332,15 +348,17 @@ def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> None:
                     raise DatasetError(f"{archive}: member {info.filename!r} is a symbolic link; links are not allowed")
                 if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                     raise DatasetError(f"{archive}: member {info.filename!r} is not a regular file or folder")
-            for info in members:
+            names, is_file = [info.filename for info in members], [not info.is_dir() for info in members]
+            root, keep = _dataset_members(archive, names, is_file)
+            files = [info for info, kept in zip(members, keep, strict=True) if kept]
+            limits.check_declared(sum(info.file_size for info in files))
+            for info in files:
                 member = info.filename
                 target = dest.joinpath(*_parts(info.filename))
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     limits.copy(src, out)
+            return root
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
         # A file and a folder with the same name (FileExistsError, NotADirectoryError...), a damaged member
         # ("Bad CRC-32", zlib errors, truncation), an unsupported compression method or an encrypted member.
@@ -348,14 +366,13 @@ def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> None:
         raise DatasetError(f"{archive}: {where} ({type(exc).__name__}: {exc})") from None
 
 
-def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> None:
+def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> tuple[str, ...]:
     try:
         with tarfile.open(archive) as tf:
             members = []
             for member in tf:  # not getmembers(): stop reading the headers as soon as there are too many
                 members.append(member)
                 limits.check_members(len(members))
-            limits.check_declared(sum(member.size for member in members if member.isfile()))
             for member in members:
                 _check_member_name(archive, member.name)
                 if member.issym() or member.islnk():
@@ -365,16 +382,18 @@ def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> None:
                     )
                 if not (member.isfile() or member.isdir()):
                     raise DatasetError(f"{archive}: member {member.name!r} is not a regular file or folder")
-            for member in members:
+            names, is_file = [member.name for member in members], [member.isfile() for member in members]
+            root, keep = _dataset_members(archive, names, is_file)
+            files = [member for member, kept in zip(members, keep, strict=True) if kept]
+            limits.check_declared(sum(member.size for member in files))
+            for member in files:
                 target = dest.joinpath(*_parts(member.name))
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = tf.extractfile(member)
                 assert src is not None  # regular files always have data
                 with src, open(target, "wb") as out:
                     limits.copy(src, out)
+            return root
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(f"{archive}: cannot read the tar archive ({type(exc).__name__}: {exc})") from None
 
@@ -391,26 +410,44 @@ def _check_member_name(archive: Path, name: str) -> None:
         raise DatasetError(f"{archive}: member {name!r} contains '..'; archives must not point outside themselves")
 
 
-def _find_dataset_root(archive: Path, dest: Path) -> Path:
-    candidates = [
-        folder
-        for folder in [dest, *sorted(p for p in dest.rglob("*") if p.is_dir())]
-        if "__MACOSX" not in folder.parts and (folder / "images").is_dir() and (folder / "masks").is_dir()
+def _dataset_members(archive: Path, names: list[str], is_file: list[bool]) -> tuple[tuple[str, ...], list[bool]]:
+    """From the member names alone, before anything is written: the folder (as path parts) holding images/ and
+    masks/, and for each member whether to write it: the files directly in that images/ and masks/ (not hidden)
+    and its splits.json, all that open_dataset reads. A zip bomb without a dataset layout is thus refused without
+    a byte written to scratch, and members the dataset does not use are never written."""
+    parts = [tuple(_parts(name)) for name in names]
+    found: dict[tuple[str, ...], set[str]] = {}
+    for path in parts:
+        if "__MACOSX" not in path:
+            for i, part in enumerate(path):
+                if part in ("images", "masks"):
+                    found.setdefault(path[:i], set()).add(part)
+    roots = sorted(folder for folder, kinds in found.items() if len(kinds) == 2)
+    if not roots:
+        raise DatasetError(f"{archive}: no folder in the archive holds both images/ and masks/; nothing was extracted")
+    if len(roots) > 1:
+        shown = _names("/".join(root) or "." for root in roots)
+        raise DatasetError(f"{archive}: several folders hold images/ and masks/ ({shown}); upload one dataset")
+    root = roots[0]
+    used = {(*root, "images"), (*root, "masks")}
+    keep = [
+        file and ((path[:-1] in used and not path[-1].startswith(".")) or path == (*root, "splits.json"))
+        for path, file in zip(parts, is_file, strict=True)
     ]
-    if not candidates:
-        raise DatasetError(f"{archive}: no folder in the archive holds both images/ and masks/")
-    if len(candidates) > 1:
-        names = _names(str(c.relative_to(dest)) or "." for c in candidates)
-        raise DatasetError(f"{archive}: several folders hold images/ and masks/ ({names}); upload one dataset")
-    return candidates[0]
+    return root, keep
 
 
-def _list_files(folder: Path) -> dict[str, Path]:
+def _list_files(folder: Path, root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     unsupported = []
+    inside = root.resolve()
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue  # hidden files such as .DS_Store or macOS "._x.png" resource forks
+        if not path.resolve().is_relative_to(inside):
+            # A link out of the dataset would let a registration read any file the service can (its own
+            # database, another tenant's objects): only files that really lie in the dataset folder are read.
+            raise DatasetError(f"{folder.name}/{path.name} links outside the dataset folder; copy the file in instead")
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             unsupported.append(path.name)
             continue
@@ -422,8 +459,19 @@ def _list_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _probe(path: Path, *, mask: bool = False) -> tuple[tuple[int, int], int]:
-    """(H, W) and channel count from the file header, without decoding the pixels."""
+def _probe(path: Path, *, mask: bool = False, max_pixels: int | None = None) -> tuple[tuple[int, int], int]:
+    """(H, W) and channel count from the file header, without decoding the pixels; refuses an image of more
+    than ``max_pixels`` pixels."""
+    size, channels = _probe_header(path, mask)
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise DatasetError(
+            f"{'mask' if mask else 'image'} {path} is {_hw(size)} ({size[0] * size[1]} pixels), more than the "
+            f"limit of {max_pixels} pixels per image (PELTUNE_MAX_IMAGE_PIXELS); nothing was decoded"
+        )
+    return size, channels
+
+
+def _probe_header(path: Path, mask: bool) -> tuple[tuple[int, int], int]:
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:

@@ -68,7 +68,7 @@ against a naive one-hot implementation and the memory-bandwidth floor: docs/perf
 
 ``compile=True`` (every entry point; opt-in, ``TrainConfig.compile_loss`` in training) computes the same sums with
 torch.compile'd kernels: for integer targets with logits ``_CompiledSums`` (one fused loop for forward, one for
-the closed-form backward, nothing per pixel kept in between: 2.4-2.5x the memory-bandwidth floor and 1.8-3x faster
+the closed-form backward, nothing per pixel kept in between: about 2-3x the memory-bandwidth floor and 1.7-4x faster
 than the eager kernel in the benchmark), otherwise the plain-autograd paths compiled whole. It compiles a graph
 per input shape, option set and dtype (seconds each, cached on disk by Inductor); when nothing can be compiled (no
 C++ compiler, or a compile error) a RuntimeWarning says why and the eager kernels compute the loss instead.
@@ -710,6 +710,10 @@ def _softmax_backward(ctx: Any, saved: tuple[Tensor, ...], a: Tensor, e: Tensor,
 # row of at most 4096 values in registers; longer rows go through its cascade-sum helper, which measured no faster
 # here, and a row of a whole 3D patch (millions of pixels) 2-3x slower.
 _ROW = 1 << 12
+# The kernels take exp(y) as exp2(y·log2 e). Inductor writes any reused per-pixel value computed with exp (its list
+# of "heavy" ops, which exp2 is not on) to memory and reads it back in a loop of its own: 8 bytes per pixel of
+# traffic and a second pass over the inputs, where exp2 leaves everything in one loop. The product's rounding costs
+# about |y|·2^-24 relative in float32 (1e-6 at |y| = 10), below the float32 sums' own rounding.
 _LOG2E = 1.4426950408889634
 
 
@@ -722,6 +726,12 @@ def _row_length(npix: int) -> int:
             if npix % length == 0:
                 return length
     return npix
+
+
+def _with_logits(col: Tensor, d: Tensor) -> Tensor:
+    """col itself, made to read d: Inductor gives sums of the labels alone a loop of their own (their index space
+    merges the batch and row dims, which the logits' cannot), and that loop reads the labels a second time."""
+    return torch.where(d > 0, col, col)
 
 
 def _binary_sums_kernel(x: Tensor, t: Tensor, n: float, ignore_index: Tensor | None, need_ce: bool) -> Tensor:
@@ -741,7 +751,7 @@ def _binary_sums_kernel(x: Tensor, t: Tensor, n: float, ignore_index: Tensor | N
     z = torch.where(one, d, -d)
     # p_t = σ(z) and q = 1 − p_t = σ(−z) from one exp that cannot overflow: q is accurate where p_t is near 1
     # (a well-predicted pixel), which 1 − p_t is not.
-    e = torch.exp2(z.abs() * -_LOG2E)
+    e = torch.exp2(z.abs() * -_LOG2E)  # exp2, not exp: see _LOG2E
     big = 1 / (1 + e)
     small = e * big
     pt, q = torch.where(z >= 0, big, small), torch.where(z >= 0, small, big)
@@ -756,9 +766,8 @@ def _binary_sums_kernel(x: Tensor, t: Tensor, n: float, ignore_index: Tensor | N
     if ignore_index is not None:
         p0, p1 = torch.where(valid, p0, 0), torch.where(valid, p1, 0)
     cols = [p0, p1, torch.where(zero, pt, 0), torch.where(one, pt, 0), torch.where(zero, ptn, 0)]
-    cols += [torch.where(one, ptn, 0), one.to(f), bad.to(f)]
-    if ignore_index is not None:
-        cols.append(valid.to(f))
+    counts = [one.to(f), bad.to(f)] + ([valid.to(f)] if ignore_index is not None else [])
+    cols += [torch.where(one, ptn, 0)] + [_with_logits(col, d) for col in counts]
     if need_ce:
         nll = F.softplus(-z)  # −log σ(z), exact for saturated logits
         cols.append(nll if ignore_index is None else nll * valid.to(f))
@@ -793,7 +802,7 @@ def _softmax_parts(
     f = _internal_dtype(x)
     xs = [x[:, k].to(f) for k in range(x.shape[1])]
     m = functools.reduce(torch.maximum, xs)
-    es = [torch.exp2((xk - m) * _LOG2E) for xk in xs]
+    es = [torch.exp2((xk - m) * _LOG2E) for xk in xs]  # exp2, not exp: see _LOG2E
     total = functools.reduce(torch.add, es)
     inv = 1 / total
     valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t.long() != ignore_index
@@ -814,21 +823,26 @@ def _softmax_sums_kernel(
     x: Tensor, t: Tensor, n: float, ignore_index: Tensor | None, need_ce: bool
 ) -> tuple[Tensor, Tensor]:
     """x (B, C>=3, R, L), t (B, R, L) -> row sums (B, R, C, 4) per class over valid pixels of p_c, [t = c]·p_t,
-    [t = c]·p_tⁿ, [t = c]; and (B, R, 3) of 1, −log p_t, and of the valid labels outside [0, C)."""
+    [t = c]·p_tⁿ, [t = c]; and (B, R, 2) of 1 (only with ignore_index; else 0 and the count is known) and −log p_t
+    (only with need_ce; else 0). The valid labels outside [0, C) are the valid count minus the class counts.
+
+    [t = c]·p_t is taken as [t = c]·p_c: a p_t picked out of the C probabilities would be a tensor used by several
+    sums, which Inductor writes to memory and reads back (4 bytes per pixel each way) rather than recompute."""
     p, hits, lse, valid = _softmax_parts(x, t, ignore_index)
     f = p[0].dtype
+    d = x[:, 0]
     v = valid.to(f)
-    pt = _pick_where(p, hits)
-    ptn = pt.pow(n)
     per_class = []
     for pk, hit in zip(p, hits, strict=True):
-        hk = hit.to(f)
-        per_class.append(torch.stack([(pk * v).sum(-1), (pt * hk).sum(-1), (ptn * hk).sum(-1), hk.sum(-1)], -1))
-    xt = _pick_where([x[:, k].to(f) for k in range(x.shape[1])], hits)
-    nll = ((lse - xt) * v).sum(-1) if need_ce else torch.zeros_like(v).sum(-1)
-    label = t.to(f)  # t < 0 or t >= C exactly when its float is (rounding is monotonic, C is representable)
-    bad = (valid & ((label < 0) | (label >= x.shape[1]))).to(f).sum(-1)
-    return torch.stack(per_class, 2), torch.stack([v.sum(-1), nll, bad], -1)
+        hit_p = torch.where(hit, pk, 0)
+        hk = _with_logits(hit.to(f), d)
+        per_class.append(torch.stack([(pk * v).sum(-1), hit_p.sum(-1), hit_p.pow(n).sum(-1), hk.sum(-1)], -1))
+    zeros = v.new_zeros(v.shape[:-1])
+    v_sum = _with_logits(v, d).sum(-1) if ignore_index is not None else zeros
+    if need_ce:
+        xt = _pick_where([x[:, k].to(f) for k in range(x.shape[1])], hits)
+        nll = ((lse - xt) * v).sum(-1)
+    return torch.stack(per_class, 2), torch.stack([v_sum, nll if need_ce else zeros], -1)
 
 
 def _softmax_grad_kernel(
@@ -856,6 +870,14 @@ def _softmax_grad_kernel(
 # training uses one patch shape and batch size, so it compiles once or twice. fullgraph=True: a graph break would
 # be a bug here, better an error than a slow kernel.
 _COMPILED: dict[str, Callable[..., Any]] = {}
+# Inductor writes a per-pixel value that several sums use to memory and reads it back in another loop when the value
+# reads many inputs or takes many ops to compute, as the softmax over C channels does: 8 bytes per pixel of traffic
+# and a second pass, where recomputing it costs nothing (CSE keeps one copy per loop). Raising the thresholds made
+# _softmax_sums_kernel one loop and 2x faster (2.5 against 5.4 ms at 16x4x256x256), left the binary kernels as they
+# were and made _softmax_grad_kernel slower (3.8 against 2.9 ms), so only the former gets them.
+_INDUCTOR_OPTIONS = {
+    "_softmax_sums_kernel": {"realize_reads_threshold": 1 << 10, "realize_cpu_opcount_threshold": 1 << 10}
+}
 # Set on the first failure to compile; the process then stays on the eager kernel (see _compile_problem).
 _COMPILE_ERROR: list[str] = []
 
@@ -866,7 +888,9 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         # it would quietly run the function uncompiled (slow). Raised once, process-wide (a per-call config.patch
         # costs ~40 us); never lowered.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
+        _COMPILED[fn.__name__] = torch.compile(
+            fn, dynamic=False, fullgraph=True, options=_INDUCTOR_OPTIONS.get(fn.__name__)
+        )
     return _COMPILED[fn.__name__]
 
 
@@ -944,9 +968,11 @@ class _CompiledSums(torch.autograd.Function):
         else:
             per_class, per_row = _run_compiled(_softmax_sums_kernel, xr, tr, n, ii, need_ce)
             acc, rows = per_class.to(torch.float64).sum(1), per_row.to(torch.float64).sum((0, 1))
-            if float(rows[2]) > 0.5:
+            n_valid = rows[0] if ii is not None else torch.full_like(rows[0], float(b * npix))
+            # Every valid pixel with a label in [0, C) is counted by exactly one class: these counts are exact.
+            if float(n_valid - acc[:, :, 3].sum()) > 0.5:
                 raise _label_error(c, ignore_index)
-            outs = [acc[:, :, 0], acc[:, :, 2], acc[:, :, 1], rows[1], acc[:, :, 3], rows[0]]
+            outs = [acc[:, :, 0], acc[:, :, 2], acc[:, :, 1], rows[1], acc[:, :, 3], n_valid]
         sum_p, sum_num, sum_pg, ce, sum_g, n_valid = (o.to(f, copy=True) for o in outs)
         ctx.mark_non_differentiable(sum_g, n_valid)
         return sum_p, sum_num, sum_pg, ce, sum_g, n_valid

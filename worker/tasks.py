@@ -35,20 +35,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.db import crud
-from api.db.models import FINAL_STATUSES, JobKind, JobStatus, new_id
+from api.db.models import FINAL_STATUSES, Job, JobKind, JobStatus, new_id, utcnow
 from api.db.session import get_sessionmaker, session_scope
 from api.queue import RUN_JOB_TASK, EnqueueError, enqueue_job
 from api.settings import Settings, get_settings
 from api.storage import StorageError, file_digest, file_uri_path, get_store, localize, store_for_uri
 from pel.config import TrainConfig
-from pel.data import DatasetError, extract_archive
+from pel.data import DatasetError, extract_archive, open_dataset
 from pel.models.intake import IntakeError, inspect_file, write_spec
 from worker.celery_app import app
 from worker.launcher import TrainingProcess, build_command
@@ -287,6 +289,33 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     return requeued + failed
 
 
+def prune_work_dirs(settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """Remove the work folders (``{work_dir}/{job_id}``) of failed and cancelled jobs that finished more than
+    Settings.keep_failed_work_dirs_s ago: kept that long for debugging (staged inputs, train.log, the ranks' error
+    reports), then they only fill the disk. Folders of queued or running jobs, of succeeded jobs kept on purpose
+    (Settings.keep_work_dirs) and of ids the database does not know are left alone. Returns the removed ids."""
+    try:
+        names = sorted(path.name for path in settings.work_dir.iterdir() if path.is_dir())
+    except FileNotFoundError:
+        return []
+    cutoff_s = settings.keep_failed_work_dirs_s
+    cutoff = (now or utcnow()) - timedelta(seconds=cutoff_s)
+    done: list[str] = []
+    with session_scope(settings.database_url) as session:
+        for start in range(0, len(names), 500):  # bounded IN lists
+            done += session.scalars(
+                select(Job.id).where(
+                    Job.id.in_(names[start : start + 500]),
+                    Job.status.in_((JobStatus.failed, JobStatus.cancelled)),
+                    Job.finished_at < cutoff,
+                )
+            ).all()
+    for job_id in done:
+        log.info("job %s: removing its work folder (finished over %.0f s ago)", job_id, cutoff_s)
+        shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
+    return done
+
+
 def reaper_interval_s(settings: Settings) -> float:
     """How often a worker looks for stale jobs: often enough that one is failed soon after its heartbeat timeout."""
     return min(60.0, settings.heartbeat_timeout_s / 2)
@@ -295,12 +324,14 @@ def reaper_interval_s(settings: Settings) -> float:
 def reap_periodically(settings: Settings, stop: threading.Event, interval_s: float | None = None) -> None:
     """Run the stale-job reaper now and then every interval until stop is set. Every worker process runs this in a
     daemon thread, so a job whose worker was killed is requeued (or failed) on time even when no worker starts
-    another job, and a message the broker lost is sent again. A
-    database error (not migrated yet, down for a moment) is logged and tried again at the next round."""
+    another job, and a message the broker lost is sent again; old work folders of failed and cancelled jobs are
+    pruned (prune_work_dirs). A database error (not migrated yet, down for a moment) is logged and tried again at
+    the next round."""
     interval = reaper_interval_s(settings) if interval_s is None else interval_s
     while True:
         try:
             reap_stale_jobs(settings)
+            prune_work_dirs(settings)
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError):
                 note_db_trouble(settings)
@@ -458,6 +489,9 @@ def stage_inputs(spec: JobSpec, inputs: Path, settings: Settings) -> tuple[Path,
             )
             if archive.is_relative_to(inputs):
                 archive.unlink()  # a downloaded copy; the unpacked folder is all training needs
+        # Image headers only, before the training decodes every pixel: refuses an image over the pixel limit (a
+        # decompression bomb) and a folder changed since registration, with the file named in the job's error.
+        open_dataset(dataset_dir, max_image_pixels=settings.max_image_pixels)
         init = None
         if spec.kind is JobKind.finetune:
             init = stage_checkpoint(spec, inputs / "checkpoint", settings)

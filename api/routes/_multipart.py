@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +194,48 @@ async def receive_form(request: Request, *, max_file_bytes: int, tmp_root: Path)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+
+
+# A request's scratch folder untouched this long belongs to an API process that died mid-request (kill -9, OOM
+# killer): receive_form and TemporaryDirectory clean up after every request that ends, even in error. A younger
+# one may be another API replica's, sharing the folder, mid-upload: its file grows, so its newest mtime is recent.
+STALE_SCRATCH_S = 3600.0
+
+
+def remove_stale_scratch(scratch_root: Path, older_than_s: float = STALE_SCRATCH_S) -> list[Path]:
+    """Remove what dead API processes left in the scratch space (``home/tmp``): upload folders
+    (``uploads/upload-*``) and the unpacked or fetched archives beside them, once nothing in one has been
+    modified for ``older_than_s``. Called at API startup; returns the folders removed."""
+    cutoff = time.time() - older_than_s
+    uploads = scratch_root / "uploads"
+    candidates = [*uploads.glob("upload-*"), *(p for p in scratch_root.iterdir() if p != uploads)]
+    removed = []
+    for folder in candidates:
+        if not _modified_since(folder, cutoff):
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
+            log.info("removed %s, left by an API process that stopped mid-request", folder)
+            removed.append(folder)
+    return removed
+
+
+def _modified_since(path: Path, cutoff: float) -> bool:
+    """Whether ``path`` or anything below it (links not followed) was modified after ``cutoff``."""
+    try:
+        if os.lstat(path).st_mtime > cutoff:
+            return True
+    except FileNotFoundError:
+        return True  # gone already (its request just ended): nothing to do
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            try:
+                if os.lstat(os.path.join(folder, name)).st_mtime > cutoff:
+                    return True
+            except FileNotFoundError:
+                continue
+    return False
 
 
 def source_of(form: ReceivedForm) -> tuple[str, str | None]:

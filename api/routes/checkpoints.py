@@ -34,7 +34,6 @@ from api.storage import (
     file_digest,
     file_uri_path,
     localize,
-    normalise_uri,
     removed_on_error,
     store_for_uri,
 )
@@ -107,7 +106,7 @@ def register_checkpoint(
         size, sha256 = form.file.size, form.file.sha256
     else:
         assert uri is not None
-        check_uri_allowed(uri, tenant, settings)
+        uri = check_uri_allowed(uri, tenant, settings)  # normalised: the form checked is the form used
         stored_uri, key, size, sha256, source, fmt, architecture = _inspect_checkpoint_uri(
             uri, settings, store, checkpoint_id, declared
         )
@@ -137,7 +136,6 @@ def _inspect_checkpoint_uri(
     source is copied once, checked and digested as that copy, and the copy is what goes into the store (no window
     between the check and the copy for the source to change)."""
     try:
-        uri = normalise_uri(uri)
         with tempfile.TemporaryDirectory(dir=settings.scratch_dir()) as tmp:
             source = file_uri_path(uri) if uri.startswith("file:") else None
             if source is not None:

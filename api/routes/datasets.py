@@ -32,7 +32,7 @@ from api.errors import InvalidField
 from api.routes._multipart import FILE_FIELD, display_name, safe_name, source_of, upload_body
 from api.schemas import MAX_OFFSET, DatasetOut
 from api.settings import Settings
-from api.storage import ObjectNotFound, StorageError, file_uri_path, localize, normalise_uri, removed_on_error
+from api.storage import ObjectNotFound, StorageError, file_uri_path, localize, removed_on_error
 from pel.data import DatasetError, DatasetIndex, extract_archive, open_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(get_tenant)])
@@ -58,7 +58,7 @@ def index_archive(
             root = extract_archive(
                 archive, Path(tmp), max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members
             )
-            return open_dataset(root, verify=True, num_classes=num_classes)
+            return open_dataset(root, verify=True, num_classes=num_classes, max_image_pixels=settings.max_image_pixels)
         except DatasetError as exc:
             # Name files inside the archive, not the server's scratch folder.
             message = str(exc).replace(str(archive), shown).replace(f"{tmp}/", "").replace(tmp, "the archive")
@@ -96,7 +96,7 @@ def register_dataset(
         name = display_name(form.text("name"), form.file.filename, ARCHIVE_SUFFIXES)
     else:
         assert uri is not None
-        check_uri_allowed(uri, tenant, settings)
+        uri = check_uri_allowed(uri, tenant, settings)  # normalised: the form checked is the form used
         stored_uri, index = _index_uri(uri, settings, num_classes)
         name = display_name(form.text("name"), stored_uri, ARCHIVE_SUFFIXES)
     # An uploaded archive is stored before its row: should the insert fail (database gone), remove it again.
@@ -150,10 +150,11 @@ def check_fits(dataset: Dataset, config: dict[str, Any]) -> None:
 def _index_uri(uri: str, settings: Settings, num_classes: int | None) -> tuple[str, DatasetIndex]:
     loc = ("body", "uri")
     try:
-        uri = normalise_uri(uri)
         if uri.startswith("file:") and file_uri_path(uri).is_dir():
             try:
-                return uri, open_dataset(file_uri_path(uri), verify=True, num_classes=num_classes)
+                return uri, open_dataset(
+                    file_uri_path(uri), verify=True, num_classes=num_classes, max_image_pixels=settings.max_image_pixels
+                )
             except DatasetError as exc:
                 raise InvalidField(loc, str(exc), kind="invalid_dataset") from None
         with tempfile.TemporaryDirectory(prefix="fetch-", dir=settings.scratch_dir()) as tmp:

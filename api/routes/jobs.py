@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from typing import Annotated, Any
 
@@ -14,13 +15,16 @@ from sqlalchemy.exc import IntegrityError
 
 from api.db import crud
 from api.db.models import Job, JobKind, JobStatus
-from api.deps import JobDep, SessionDep, SettingsDep, TenantDep, get_tenant
+from api.deps import JobDep, SessionDep, SettingsDep, StoreDep, TenantDep, get_tenant
 from api.errors import Conflict, InvalidField, NotFound, ServiceUnavailable
 from api.queue import EnqueueError, enqueue_job
 from api.routes.checkpoints import checkpoint_stream
 from api.routes.datasets import check_fits
 from api.schemas import MAX_OFFSET, JobCreate, JobEventOut, JobOut, MetricsOut
+from api.storage import ObjectStore, StorageError
 from pel.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(get_tenant)])
 
@@ -163,7 +167,7 @@ def get_events(job: JobDep, session: SessionDep) -> list[JobEventOut]:
 
 
 @router.post("/{job_id}/cancel", responses={409: {"description": "the job has already finished"}})
-def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+def cancel_job(job: JobDep, session: SessionDep, store: StoreDep) -> JobOut:
     """Cancel a queued job (it will never run) or a running one (its worker kills the whole training process group
     at its next poll, within seconds). A finished job cannot be cancelled: 409."""
     if not crud.cancel_job(session, job_id=job.id):
@@ -172,7 +176,19 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
         raise Conflict(f"job {job.id} is already {job.status.value}: only queued or running jobs can be cancelled")
     session.commit()
     session.refresh(job)
+    # A queued job that an earlier attempt left a snapshot for is never claimed again, so no worker would delete
+    # it. (A running one's worker deletes it too once the training is stopped, after its last upload.)
+    drop_snapshot(store, job.id)
     return JobOut.model_validate(job)
+
+
+def drop_snapshot(store: ObjectStore, job_id: str) -> None:
+    """Best effort: the job's resume snapshot (worker.tasks.snapshot_key, not imported here: that module starts
+    the Celery app) is of no use once the job is final; failing to delete it only leaves an object behind."""
+    try:
+        store.delete(f"jobs/{job_id}/snapshot.pt")
+    except (StorageError, OSError) as exc:
+        log.warning("job %s: could not delete its snapshot: %s", job_id, exc)
 
 
 @router.get("/{job_id}/metrics")

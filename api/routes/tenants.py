@@ -7,6 +7,7 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Response, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.auth import new_key, normalise_s3_prefix
 from api.db import crud
@@ -66,6 +67,8 @@ def create_tenant(body: TenantCreate, session: SessionDep, settings: SettingsDep
             raise InvalidField(
                 ("body", "s3_prefix"), f"{body.s3_prefix} overlaps the service's own object store {store}"
             )
+    if body.s3_prefix is not None:
+        _refuse_overlapping_prefix(session, body.s3_prefix)
     try:
         tenant = crud.create_tenant(
             session,
@@ -78,6 +81,17 @@ def create_tenant(body: TenantCreate, session: SessionDep, settings: SettingsDep
         session.rollback()
         raise Conflict(f"a tenant named {body.name!r} already exists") from None
     return TenantOut.model_validate(tenant)
+
+
+def _refuse_overlapping_prefix(session: Session, prefix: str) -> None:
+    """409 naming the tenant whose s3_prefix contains, or lies inside, ``prefix``: either tenant could then register
+    the other's objects. Both are normalised to end in "/", so s3://b/lab-a/ and s3://b/lab-ab/ do not overlap."""
+    for other in crud.list_tenants(session):
+        if other.s3_prefix is None:
+            continue
+        theirs = normalise_s3_prefix(other.s3_prefix)
+        if theirs.startswith(prefix) or prefix.startswith(theirs):
+            raise Conflict(f"s3_prefix {prefix} overlaps tenant {other.name!r}'s prefix {theirs}")
 
 
 @router.get("/tenants")

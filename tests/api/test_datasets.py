@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from api.routes.datasets import check_fits
 from api.settings import Settings
 from api.storage import file_digest
 from tests.factories import make_archive, make_dataset
+from tests.pel.factories import write_blank_png
 from tests.services import S3_BUCKET, s3_client
 from tests.tcp_proxy import HttpFaultProxy
 
@@ -186,17 +188,12 @@ def test_invalid_datasets_are_422_with_the_reason(client: TestClient, tmp_path: 
 def test_broken_zip_members_are_422(client: TestClient, tmp_path: Path) -> None:
     import zipfile
 
-    clash = tmp_path / "clash.zip"
-    with zipfile.ZipFile(clash, "w") as archive:
-        archive.writestr("images", b"a file where a folder goes")
-        archive.writestr("images/x.png", b"x")
-    response = upload(client, clash)
-    assert response.status_code == 422, response.text
-    assert "cannot extract member 'images/x.png' (FileExistsError" in response.json()["detail"][0]["msg"]
-
+    # (A file and a folder of the same name cannot clash any more: only images/, masks/ and splits.json are
+    # written; tests/pel/test_data.py::test_only_the_members_the_dataset_uses_are_written.)
     corrupt = tmp_path / "corrupt.zip"
     with zipfile.ZipFile(corrupt, "w") as archive:
         archive.writestr("images/x.png", bytes(range(256)) * 16)
+        archive.writestr("masks/x.png", b"x")
     raw = bytearray(corrupt.read_bytes())
     raw[30 + len("images/x.png") + 100] ^= 0xFF  # a byte of the (stored) member's data
     corrupt.write_bytes(bytes(raw))
@@ -253,9 +250,8 @@ def stored_objects(settings: Settings) -> list[Path]:
 @pytest.mark.parametrize("archive_name", ["bomb.zip", "bomb.tar.gz"])
 def test_archive_bomb_is_422_and_nothing_is_stored(settings: Settings, tmp_path: Path, archive_name: str) -> None:
     folder = make_dataset(tmp_path / "bomb", n=3)
-    (folder / "images" / "padding").mkdir()
     # A member of 8 MiB of zeros: a few KiB compressed, well under the upload limit, far over the unpack limit.
-    (folder / "images" / "padding" / "zeros.bin").write_bytes(bytes(8 * 1024 * 1024))
+    (folder / "images" / "zeros.png").write_bytes(bytes(8 * 1024 * 1024))
     archive = make_archive(folder, tmp_path / archive_name)
     assert archive.stat().st_size < 100_000
     with TestClient(create_app(settings.model_copy(update={"max_archive_bytes": 1024 * 1024}))) as client:
@@ -267,6 +263,47 @@ def test_archive_bomb_is_422_and_nothing_is_stored(settings: Settings, tmp_path:
         assert error["msg"].startswith(f"{archive_name}: expands to ")
         assert "more than the limit of 1048576 bytes" in error["msg"]
         assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
+    assert stored_objects(settings) == []
+
+
+def test_images_over_the_pixel_limit_are_422_before_decoding(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    folder = make_dataset(tmp_path / "huge", n=3)
+    for kind in ("images", "masks"):  # a real, valid PNG pair of 9000×9000 (81M pixels) in 11 KB each
+        write_blank_png(folder / kind / "img01.png", 9000, 9000)
+    archive = make_archive(folder, tmp_path / "huge.zip")
+    assert archive.stat().st_size < 100_000
+    before = len(client.get("/v1/datasets", params={"limit": 1000}).json())
+    response = upload(client, archive)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert error["msg"] == (
+        "image huge/images/img01.png is 9000×9000 (81000000 pixels), more than the limit of 64000000 pixels per "
+        "image (PELTUNE_MAX_IMAGE_PIXELS); nothing was decoded"
+    )
+    assert len(client.get("/v1/datasets", params={"limit": 1000}).json()) == before
+    assert stored_objects(settings) == []
+    # A folder registered in place is checked the same way; a raised limit accepts it.
+    response = client.post("/v1/datasets", data={"uri": folder.as_uri()})
+    assert response.status_code == 422 and "is 9000×9000 (81000000 pixels)" in response.text
+    with TestClient(create_app(settings.model_copy(update={"max_image_pixels": 9000 * 9000}))) as roomy:
+        assert upload(roomy, archive).status_code == 201
+
+
+def test_an_archive_without_a_dataset_is_422_before_anything_is_unpacked(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    archive = tmp_path / "junk.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("junk/huge.bin", "w") as member:
+        for _ in range(16):
+            member.write(bytes(1024 * 1024))  # 16 MiB of zeros, under the unpack limit
+    response = upload(client, archive)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["msg"] == (
+        "junk.zip: no folder in the archive holds both images/ and masks/; nothing was extracted"
+    )
     assert stored_objects(settings) == []
 
 

@@ -19,6 +19,7 @@ from api.db.session import session_scope
 from api.main import create_app
 from api.schemas import SERVER_FIELDS, TrainSettings
 from api.settings import Settings
+from api.storage import get_store
 from pel.config import TrainConfig
 from tests.factories import make_archive, make_checkpoint, make_dataset
 from tests.services import REDIS_URL, forget_redis_queue, redis_client
@@ -317,6 +318,26 @@ def test_cancel_a_queued_job_then_it_never_runs(client: TestClient, settings: Se
         ("queued", "cancelled", "cancelled by request"),
     ]
     assert client.post("/v1/jobs/abc/cancel").status_code == 404
+
+
+def test_cancelling_a_job_queued_for_another_attempt_deletes_its_snapshot(
+    client: TestClient, settings: Settings, dataset_id: str, tmp_path: Path
+) -> None:
+    store = get_store(settings)
+    (tmp_path / "snapshot.pt").write_bytes(b"state of step 40")
+    job_ids = [client.post("/v1/jobs", json={"kind": "baseline", "dataset_id": dataset_id}).json()["id"] for _ in "ab"]
+    for job_id in job_ids:  # attempt 1 shipped a snapshot, then its rank was killed: queued again
+        with session_scope(settings.database_url) as session:
+            assert crud.claim_job(session, job_id=job_id)
+            assert crud.record_snapshot(session, job_id=job_id, step=40)
+            assert crud.retry_job(session, job_id=job_id, reason="rank 0 was killed by SIGKILL")
+        store.put_file(f"jobs/{job_id}/snapshot.pt", tmp_path / "snapshot.pt")  # worker.tasks.snapshot_key
+    cancelled, other = job_ids
+    assert client.post(f"/v1/jobs/{cancelled}/cancel").json()["status"] == "cancelled"
+    # No worker will ever claim it again, so the API removes the snapshot; the other job keeps its own.
+    assert not store.exists(f"jobs/{cancelled}/snapshot.pt")
+    assert not (settings.home / "objects" / "jobs" / cancelled / "snapshot.pt").exists()
+    assert store.exists(f"jobs/{other}/snapshot.pt")
 
 
 def test_every_transition_is_an_event_and_finished_jobs_cannot_be_cancelled(

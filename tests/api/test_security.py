@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select, text, update
+from sqlalchemy.engine import make_url
 
 from api.db import crud
 from api.db.models import DEFAULT_TENANT_ID, ApiKey, JobKind, Tenant
@@ -91,13 +92,15 @@ def test_keys_are_stored_only_as_hashes(client: TestClient, settings: Settings) 
 
 
 def test_missing_or_wrong_keys_are_401_and_the_admin_key_is_only_for_admin(
-    anonymous: TestClient, client: TestClient
+    anonymous: TestClient, client: TestClient, settings: Settings
 ) -> None:
     missing = anonymous.get("/v1/jobs")
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"].startswith("Bearer")
     assert "missing API key" in missing.json()["detail"]
-    assert "local-keys.json" in missing.json()["detail"]  # development: where the embedded key is
+    # Development: a hint at where the embedded key is, but not the server's own path.
+    assert "local-keys.json under PELTUNE_HOME" in missing.json()["detail"]
+    assert str(settings.home) not in missing.text and str(settings.local_keys_file) not in missing.text
     # Refused before the upload is read: nothing of it reaches the server's scratch space.
     assert anonymous.post("/v1/datasets", files={"file": ("x.zip", b"PK" * 1000)}).status_code == 401
 
@@ -269,6 +272,172 @@ def test_production_allows_file_uris_only_under_the_roots_and_s3_only_with_a_pre
             response = client.post("/v1/datasets", data={"uri": outside}, headers=bearer(key))
             assert response.status_code == 403, outside
             assert str(tmp_path / "shared") in response.json()["detail"]
+
+
+def configured(base: Settings, env: str, **overrides: object) -> Settings:
+    """The test's settings in ``env``, with overrides (production: a real admin key, no generated local keys)."""
+    if env == "production":
+        return production_settings(base, **overrides)
+    return base.model_copy(update=overrides)
+
+
+def spelled(uri: str, scheme: str) -> str:
+    """``uri`` with its scheme written as ``scheme`` (``FILE``, ``File``, ``S3``)."""
+    return scheme + uri[uri.index(":") :]
+
+
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_mixed_case_schemes_are_checked_and_stored_normalised(
+    env: str, settings: Settings, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """``S3://`` and ``FILE:``/``File:`` reach the same objects as ``s3://`` and ``file:``: the checks read the
+    normalised URI, and the row stores it (a file:// checkpoint is copied into the store, as always)."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    local = {"datasets": make_dataset(shared / "cells", n=3), "checkpoints": make_checkpoint(shared / "init.pt")}
+    elsewhere = {"datasets": make_dataset(private / "cells", n=3), "checkpoints": make_checkpoint(private / "i.pt")}
+    archive = make_archive(local["datasets"], tmp_path / "cells.zip")
+    team = f"team-{uuid.uuid4().hex[:6]}"
+    objects = {"datasets": "cells.zip", "checkpoints": "init.pt"}
+    for folder in (team, f"{team}-b"):
+        s3_client(s3_endpoint).upload_file(str(archive), S3_BUCKET, f"{folder}/cells.zip")
+        s3_client(s3_endpoint).upload_file(str(local["checkpoints"]), S3_BUCKET, f"{folder}/init.pt")
+    app_settings = configured(settings, env, s3_endpoint_url=s3_endpoint, file_uri_roots=str(shared))
+    with TestClient(create_app(app_settings)) as client:
+        _, key = new_tenant(client, s3_prefix=f"s3://{S3_BUCKET}/{team}/")
+        for resource, name in objects.items():
+            for outside in (
+                f"S3://{S3_BUCKET}/{team}-b/{name}",
+                f"S3://{S3_BUCKET}/{team}/../{team}-b/{name}",
+                spelled(elsewhere[resource].as_uri(), "FILE"),
+                spelled(elsewhere[resource].as_uri(), "File"),
+                spelled(elsewhere[resource].as_uri(), "fIlE"),
+            ):
+                response = client.post(f"/v1/{resource}", data={"uri": outside}, headers=bearer(key))
+                assert response.status_code == 403, (resource, outside, response.text)
+                assert response.json()["detail"].startswith("uri: ")
+
+            mixed = f" S3://{S3_BUCKET}/{team}/{name}"
+            in_s3 = client.post(f"/v1/{resource}", data={"uri": mixed}, headers=bearer(key))
+            assert in_s3.status_code == 201, in_s3.text
+            assert in_s3.json()["uri"] == f"s3://{S3_BUCKET}/{team}/{name}"
+            on_disk = client.post(
+                f"/v1/{resource}", data={"uri": spelled(local[resource].as_uri(), "FILE")}, headers=bearer(key)
+            )
+            assert on_disk.status_code == 201, on_disk.text
+            stored = on_disk.json()["uri"]
+            if resource == "datasets":  # a folder is read in place: its normalised URI is the row's
+                assert stored == local[resource].as_uri()
+            else:  # a file:// checkpoint is copied into the store, whatever the spelling of its scheme
+                assert stored.startswith((app_settings.home / "objects").as_uri()), stored
+        listed = {row["uri"] for row in client.get("/v1/datasets", headers=bearer(key)).json()}
+        assert all(uri.startswith(("s3://", "file:///")) for uri in listed)
+
+
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_the_services_own_files_cannot_be_registered(
+    env: str, settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    """Not the SQLite database (opening and closing it drops SQLite's POSIX locks), not another tenant's stored
+    upload, nothing in the home, the work folder or the object store, whichever path leads there; in every
+    environment, even inside a file:// root."""
+    work = tmp_path / "work"
+    database = Path(make_url(database_url).database) if database_url.startswith("sqlite") else None
+    roots = ",".join(str(root) for root in (tmp_path, database.parent if database else tmp_path))
+    app_settings = configured(settings, env, work_dir=work, file_uri_roots=roots)
+    (tmp_path / "into-home").symlink_to(app_settings.home)
+    with TestClient(create_app(app_settings)) as client:
+        _, key_a = new_tenant(client)
+        _, key_b = new_tenant(client)
+        theirs = upload_dataset(client, tmp_path / "a", headers=bearer(key_a))
+        stored = client.get(f"/v1/datasets/{theirs}", headers=bearer(key_a)).json()["uri"]
+        stored_path = stored.removeprefix("file://")
+        home = app_settings.home
+        refused = {
+            stored: "inside the service's object store",
+            spelled(stored, "FILE"): "inside the service's object store",
+            f"file:///{stored_path}": "inside the service's object store",  # "//x" is not another path
+            f"{(tmp_path / 'a').as_uri()}/../home/objects": "inside the service's object store",
+            f"{(tmp_path / 'into-home').as_uri()}/objects": "inside the service's object store",  # a symlink
+            home.as_uri(): "inside the service's home (PELTUNE_HOME)",
+            (home / "local-keys.json").as_uri(): "inside the service's home (PELTUNE_HOME)",
+            (home / "tmp" / "uploads").as_uri(): "inside the service's home (PELTUNE_HOME)",
+            (work / "job" / "model.pt").as_uri(): "inside the service's work folder",
+        }
+        if database is not None:
+            refused[database.as_uri()] = "the service's database"
+            refused[f"{database.as_uri()}-wal"] = "the service's database"
+        for uri, reason in refused.items():
+            for resource in ("datasets", "checkpoints"):
+                response = client.post(f"/v1/{resource}", data={"uri": uri}, headers=bearer(key_b))
+                assert response.status_code == 403, (resource, uri, response.text)
+                assert reason in response.json()["detail"], (uri, response.text)
+                assert "the service's own files cannot be registered" in response.json()["detail"]
+        # Nothing was registered, and the database is untouched.
+        assert client.get("/v1/datasets", headers=bearer(key_b)).json() == []
+        assert client.get("/v1/checkpoints", headers=bearer(key_b)).json() == []
+        assert client.get(f"/v1/datasets/{theirs}", headers=bearer(key_a)).status_code == 200
+
+
+# -- request bodies -------------------------------------------------------------------------------------------------
+
+
+def test_oversized_bodies_are_413_and_keyless_bodies_are_not_read(
+    anonymous: TestClient, client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    limit = settings.max_json_bytes
+    assert limit == 1024**2  # the default
+    big = b'{"kind": "baseline", "config": {}, "pad": "' + b"a" * limit + b'"}'
+    json_type = {"Content-Type": "application/json"}
+    for app_client, path in ((anonymous, "/v1/jobs"), (client, "/v1/jobs"), (anonymous, "/v1/tenants")):
+        response = app_client.post(path, content=big, headers=json_type)
+        assert response.status_code == 413, (path, response.text)
+        assert "PELTUNE_MAX_JSON_BYTES" in response.json()["detail"]
+
+    def streamed() -> Iterator[bytes]:  # no Content-Length: the bytes are counted as they arrive
+        yield b'{"kind": "baseline", "config": {}, "pad": "'
+        for _ in range(3):
+            yield b"a" * (limit // 2)
+        yield b'"}'
+
+    response = client.post("/v1/jobs", content=streamed(), headers=json_type)
+    assert response.status_code == 413, response.text
+    # Without a key, a body is refused before any of it is read.
+    keyless = anonymous.post("/v1/jobs", content=streamed(), headers=json_type)
+    assert keyless.status_code == 401 and "missing API key" in keyless.json()["detail"]
+    # A url-encoded form on an upload route is not an upload: the same cap.
+    form = client.post("/v1/datasets", data={"uri": "file:///x", "pad": "a" * limit})
+    assert form.status_code == 413, form.text
+
+    # Ordinary requests are untouched, and an upload far above the cap still goes in.
+    small = settings.model_copy(update={"max_json_bytes": 1024})
+    with TestClient(create_app(small)) as capped:
+        dataset = upload_dataset(capped, tmp_path / "cells")  # a multipart body of several KiB
+        job = capped.post("/v1/jobs", json={**JOB, "dataset_id": dataset})
+        assert job.status_code == 201, job.text
+        assert capped.post("/v1/jobs", json={**JOB, "dataset_id": dataset, "pad": "a" * 2000}).status_code == 413
+
+
+# -- tenant prefixes ------------------------------------------------------------------------------------------------
+
+
+def test_tenant_prefixes_may_not_overlap(client: TestClient) -> None:
+    bucket = f"bkt-{uuid.uuid4().hex[:8]}"
+    lab_a, _ = new_tenant(client, s3_prefix=f"s3://{bucket}/lab-a")
+    lab_ab, _ = new_tenant(client, s3_prefix=f"s3://{bucket}/lab-ab/")  # shares characters, not a folder: allowed
+    for prefix, other in (
+        (f"s3://{bucket}/", lab_a),  # covers both
+        (f"s3://{bucket}/lab-a/", lab_a),  # identical
+        (f"S3://{bucket}/lab-a", lab_a),  # identical, spelled differently
+        (f"s3://{bucket}/lab-a/sub/", lab_a),  # inside
+        (f"s3://{bucket}/lab-ab/x", lab_ab),
+    ):
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        response = client.post("/v1/tenants", json={"name": name, "s3_prefix": prefix}, headers=admin(client))
+        assert response.status_code == 409, (prefix, response.text)
+        assert repr(other["name"]) in response.json()["detail"] and other["s3_prefix"] in response.json()["detail"]
+        assert name not in [t["name"] for t in client.get("/v1/tenants", headers=admin(client)).json()]
+    new_tenant(client, s3_prefix=f"s3://{bucket}/lab-b/")
+    new_tenant(client, s3_prefix=f"s3://{bucket}-2/lab-a/")  # another bucket
 
 
 # -- submission rate limit ------------------------------------------------------------------------------------------

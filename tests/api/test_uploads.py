@@ -4,8 +4,10 @@ status, leaves no temporary file behind and stores nothing."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +133,31 @@ def test_an_absurd_multipart_boundary_is_a_clear_4xx(client: TestClient, route: 
     response = client.post(route, content=b"x", headers={"Content-Type": f"multipart/form-data; boundary={'a' * 1000}"})
     assert response.status_code == 422, response.text
     assert "malformed multipart body" in response.json()["detail"][0]["msg"]
+
+
+def test_startup_removes_scratch_left_by_a_killed_api_but_not_a_live_upload(settings: Settings) -> None:
+    """What `kill -9` of the API mid-request leaves in home/tmp, an hour old; and another replica's work in progress."""
+    scratch = settings.scratch_dir()
+    two_hours_ago = time.time() - 2 * 3600
+
+    def put(relative: str, data: bytes, *, old: bool) -> Path:
+        path = scratch / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if old:
+            for touched in (path, *path.relative_to(scratch).parents):
+                os.utime(scratch / touched, (two_hours_ago, two_hours_ago))
+        return path
+
+    dead_upload = put("uploads/upload-dead/upload.bin", bytes(1 << 20), old=True)
+    put("dataset-dead/cells/images/a.png", b"png", old=True)
+    live_upload = put("uploads/upload-live/upload.bin", bytes(1 << 20), old=False)  # still growing
+    put("fetch-live/cells.zip", b"zip", old=True)
+    live_unpack = put("fetch-live/dataset/images/b.png", b"png", old=False)  # a file just written deep inside
+    for folder in ("fetch-live", "fetch-live/dataset", "fetch-live/dataset/images"):  # ... old folders around it
+        os.utime(scratch / folder, (two_hours_ago, two_hours_ago))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+    assert not dead_upload.parent.exists() and not (scratch / "dataset-dead").exists()
+    assert live_upload.is_file() and live_unpack.is_file() and (scratch / "fetch-live" / "cells.zip").is_file()
+    assert sorted(p.name for p in (scratch / "uploads").iterdir()) == ["upload-live"]

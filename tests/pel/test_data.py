@@ -23,7 +23,8 @@ from pel.data import (
     num_classes_for,
     open_dataset,
 )
-from tests.pel.factories import blobs_mask, synthetic_dataset, write_png, write_tiff
+from tests.factories import make_dataset
+from tests.pel.factories import blobs_mask, synthetic_dataset, write_blank_png, write_png, write_tiff
 
 # ---------------------------------------------------------------------------------------------------- real data
 
@@ -477,15 +478,25 @@ def test_zip_symlink_is_rejected(tmp_path: Path) -> None:
         extract_archive(archive, tmp_path / "out")
 
 
-def test_zip_with_a_file_and_a_folder_of_the_same_name(tmp_path: Path) -> None:
+def test_only_the_members_the_dataset_uses_are_written(tmp_path: Path) -> None:
     files = _dataset_files(tmp_path)
-    archive = _zip(tmp_path / "clash.zip", {"images": b"a file named like the folder", **files})
-    with pytest.raises(DatasetError, match=r"clash\.zip: cannot extract member 'images/a\.png' \(FileExistsError"):
-        extract_archive(archive, tmp_path / "out")
-    # The other order: the folder exists when the file of the same name is written.
-    archive = _zip(tmp_path / "clash2.zip", {**files, "images": b"x"})
-    with pytest.raises(DatasetError, match=r"clash2\.zip: cannot extract member 'images' \(IsADirectoryError"):
-        extract_archive(archive, tmp_path / "out2")
+    unused = {
+        "images": b"a file named like the folder",  # used to clash with the folder when everything was written
+        "notes/big.bin": bytes(MiB),
+        "images/sub/x.png": b"x",  # open_dataset reads only the files directly in images/ and masks/
+        "masks/.hidden.png": b"x",
+        "__MACOSX/images/._a.png": b"resource fork",
+    }
+    for name, archive in [
+        ("clash.zip", _zip(tmp_path / "clash.zip", {**unused, **files})),
+        ("clash.tar", _tar(tmp_path / "clash.tar", {**files, **unused}, "w")),
+    ]:
+        out = tmp_path / f"out-{name}"
+        assert extract_archive(archive, out) == out
+        written = sorted(str(p.relative_to(out)) for p in _files_written(out))
+        assert written == sorted(files), name
+    # The byte cap counts only what is written: the unused MiB does not count against it.
+    extract_archive(_zip(tmp_path / "c2.zip", {**files, **unused}), tmp_path / "c2", max_bytes=MiB // 2)
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
@@ -585,3 +596,71 @@ def test_min_size_is_the_smallest_height_and_width(tmp_path: Path) -> None:
     write_png(root / "images" / "a.png", (labels > 0).astype(np.uint8) * 200)
     write_png(root / "masks" / "a.png", labels)
     assert open_dataset(root).min_size == (40, 32)  # heights 64, 40, 40; widths 32, 48, 48
+
+
+# ------------------------------------------------------------------------- decompression and scratch-disk bombs
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path: Path) -> None:
+    root = synthetic_dataset(tmp_path / "ds", ["a", "b", "c"])  # 40×48
+    # A real, valid 9000×9000 PNG of 11 KB: 81M pixels, under Pillow's own bomb warning (89M).
+    write_blank_png(root / "images" / "b.png", 9000, 9000)
+    write_blank_png(root / "masks" / "b.png", 9000, 9000)
+    limit = 8000 * 8000
+    with pytest.raises(
+        DatasetError,
+        match=rf"image .*images/b\.png is 9000×9000 \(81000000 pixels\), more than the limit of {limit} pixels",
+    ):
+        open_dataset(root, verify=True, max_image_pixels=limit)
+    # The limit applies to masks and TIFFs too, from their headers (height × width).
+    (root / "images" / "b.png").unlink()
+    write_tiff(root / "images" / "b.tif", np.zeros((40, 48), np.uint16))
+    write_png(root / "masks" / "b.png", np.zeros((40, 48), np.uint16))
+    assert open_dataset(root, verify=True, max_image_pixels=40 * 48).ids == ["a", "b", "c"]
+    with pytest.raises(DatasetError, match=r"image .*images/a\.png is 40×48 \(1920 pixels\), more than the limit"):
+        open_dataset(root, max_image_pixels=1919)
+    write_png(root / "masks" / "a.png", np.zeros((48, 48), np.uint16))
+    with pytest.raises(DatasetError, match=r"mask .*masks/a\.png is 48×48 \(2304 pixels\), more than the limit"):
+        open_dataset(root, max_image_pixels=2000)
+    (root / "images" / "a.png").unlink()
+    (root / "masks" / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"image .*images/b\.tif is 40×48 \(1920 pixels\), more than the limit"):
+        open_dataset(root, max_image_pixels=1919)
+
+
+def test_an_archive_without_a_dataset_layout_writes_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("data/huge.bin", "w") as member:
+        for _ in range(16):
+            member.write(bytes(MiB))  # 16 MiB of zeros: about 16 KiB compressed
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match=r"bomb\.zip: no folder in the archive holds both images/ and masks/"):
+        extract_archive(archive, tmp_path / "out", max_bytes=64 * MiB)  # under the cap: the layout refuses it
+    assert _files_written(tmp_path / "out") == []
+    # images/ alone (no masks/ beside it) is no dataset either, whatever its size.
+    files = {"ds/images/a.png": bytes(MiB), "ds/labels/a.png": b"x"}
+    for packed in (_zip(tmp_path / "half.zip", files), _tar(tmp_path / "half.tar", files, "w")):
+        with pytest.raises(DatasetError, match=rf"{packed.name}: no folder in the archive holds both"):
+            extract_archive(packed, tmp_path / packed.stem)
+        assert _files_written(tmp_path / packed.stem) == []
+
+
+def test_the_pixel_limit_on_real_data(bbbc039_root: Path) -> None:
+    # BBBC039 fields are 520×696 (361 920 pixels): far under the service default of 8000×8000.
+    assert len(open_dataset(bbbc039_root, max_image_pixels=8000 * 8000).ids) == 200
+    with pytest.raises(DatasetError, match=r"is 520×696 \(361920 pixels\), more than the limit of 361919 pixels"):
+        open_dataset(bbbc039_root, max_image_pixels=520 * 696 - 1)
+
+
+def test_files_linking_outside_the_dataset_are_refused(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", n=4)
+    secret = tmp_path / "secret.png"
+    (root / "images" / "img00.png").rename(secret)  # the real file now lives outside the dataset
+    (root / "images" / "img00.png").symlink_to(secret)
+    with pytest.raises(DatasetError, match=r"images/img00.png links outside the dataset folder"):
+        open_dataset(root)
+    # A link that stays inside the dataset folder is fine.
+    (root / "images" / "img00.png").unlink()
+    (root / "original.png").write_bytes(secret.read_bytes())
+    (root / "images" / "img00.png").symlink_to(root / "original.png")
+    assert "img00" in open_dataset(root).ids

@@ -189,6 +189,16 @@ def test_bad_labels_are_rejected_by_the_compiled_kernels() -> None:
         pel_loss(logits, bad, compile=True)
     with pytest.raises(ValueError, match="compile must be True or False"):
         pel_loss(logits, target, compile="yes")  # type: ignore[arg-type]
+    # C >= 3: a label counted by no class (above the range, negative, or valid but not a class under ignore_index).
+    logits, target = _case(SHAPES["2d"], 3, seed=20)
+    for label, ignore_index in ((3, None), (-1, None), (7, 255)):
+        bad = target.clone()
+        bad[0, 4, 5] = label
+        with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\)"):
+            pel_loss(logits, bad, ignore_index=ignore_index, compile=True)
+    ignored = target.clone()
+    ignored[0, 4, 5] = 255  # the same pixel ignored instead: accepted
+    assert torch.isfinite(pel_loss(logits, ignored, ignore_index=255, compile=True))
 
 
 def test_no_compiler_falls_back_to_eager_with_a_warning() -> None:

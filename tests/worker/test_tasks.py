@@ -18,15 +18,18 @@ from api.db.session import session_scope
 from api.settings import Settings
 from api.storage import file_digest, file_uri_path, get_store
 from tests.factories import make_archive, make_checkpoint, make_dataset, make_foreign_torch_file
+from tests.pel.factories import write_blank_png
 from tests.services import alembic_upgrade_head, running, wait_until
 from worker.tasks import (
     Heartbeat,
     MetricsFollower,
     execute_job,
     failure_reason,
+    prune_work_dirs,
     reap_periodically,
     reap_stale_jobs,
     reaper_interval_s,
+    snapshot_key,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +168,19 @@ def test_unreachable_inputs_fail_at_staging(settings: Settings, tmp_path: Path) 
     assert "could not stage the job's inputs" in job_row(settings, job_id).error
 
 
+def test_an_image_over_the_pixel_limit_fails_the_job_before_training(settings: Settings, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "ds", n=6)
+    # Registered in place, then a decompression bomb replaces a pair: 81M pixels in an 11 KB PNG.
+    write_blank_png(folder / "images" / "img03.png", 9000, 9000)
+    write_blank_png(folder / "masks" / "img03.png", 9000, 9000)
+    job_id = add_job(settings, kind=JobKind.baseline, dataset_uri=folder.as_uri())
+    assert execute_job(job_id, settings=settings) is JobStatus.failed
+    error = job_row(settings, job_id).error
+    assert error.startswith("could not stage the job's inputs: image ")
+    assert "images/img03.png is 9000×9000 (81000000 pixels), more than the limit of 64000000 pixels" in error
+    assert not (settings.work_dir / job_id / "train.log").exists()  # refused before any training started
+
+
 def test_a_job_over_its_time_limit_is_killed(settings: Settings, tmp_path: Path) -> None:
     folder = make_dataset(tmp_path / "ds", n=6)
     # Long enough to start torch and log a few steps even on a loaded 2-core machine.
@@ -218,6 +234,56 @@ def test_stale_running_jobs_are_queued_again_then_failed(settings: Settings, tmp
     job = job_row(two, job_id)
     assert job.status is JobStatus.failed and job.attempt == 2
     assert job.error == "worker lost: no heartbeat for more than 300 s during attempt 2 of 2"
+
+
+def test_a_job_the_reaper_fails_for_good_loses_its_snapshot(settings: Settings, tmp_path: Path) -> None:
+    two = settings.model_copy(update={"max_attempts": 2})
+    store = get_store(two)
+    (tmp_path / "snapshot.pt").write_bytes(b"state of step 40")
+    job_id = add_job(two, kind=JobKind.baseline, dataset_uri=make_dataset(tmp_path / "d").as_uri())
+    store.put_file(snapshot_key(job_id), tmp_path / "snapshot.pt")
+    with session_scope(two.database_url) as session:
+        crud.claim_job(session, job_id=job_id, now=utcnow() - timedelta(hours=1))
+    reap_stale_jobs(two)
+    assert job_row(two, job_id).status is JobStatus.queued
+    assert store.exists(snapshot_key(job_id))  # the next attempt resumes from it
+    with session_scope(two.database_url) as session:
+        crud.claim_job(session, job_id=job_id, now=utcnow() - timedelta(hours=1))
+    reap_stale_jobs(two)
+    assert job_row(two, job_id).status is JobStatus.failed
+    assert not store.exists(snapshot_key(job_id))
+    assert not (two.home / "objects" / "jobs" / job_id / "snapshot.pt").exists()
+
+
+def test_old_work_folders_of_failed_and_cancelled_jobs_are_pruned(settings: Settings, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "d").as_uri()
+    ids = {status: add_job(settings, kind=JobKind.baseline, dataset_uri=folder) for status in JobStatus}
+    with session_scope(settings.database_url) as session:
+        for status in (JobStatus.running, JobStatus.succeeded, JobStatus.failed):
+            crud.claim_job(session, job_id=ids[status])
+        crud.finish_job(session, job_id=ids[JobStatus.succeeded], status=JobStatus.succeeded)
+        crud.finish_job(session, job_id=ids[JobStatus.failed], status=JobStatus.failed, error="boom")
+        crud.cancel_job(session, job_id=ids[JobStatus.cancelled])
+    for job_id in [*ids.values(), "not-a-job"]:
+        (settings.work_dir / job_id / "inputs").mkdir(parents=True)
+        (settings.work_dir / job_id / "train.log").write_text("log")
+    week = settings.keep_failed_work_dirs_s
+    assert week == 7 * 24 * 3600
+
+    assert prune_work_dirs(settings, now=utcnow() + timedelta(seconds=week - 60)) == []  # kept for debugging
+    assert len(list(settings.work_dir.iterdir())) == 6
+    removed = prune_work_dirs(settings, now=utcnow() + timedelta(seconds=week + 60))
+    assert sorted(removed) == sorted([ids[JobStatus.failed], ids[JobStatus.cancelled]])
+    kept = {ids[JobStatus.queued], ids[JobStatus.running], ids[JobStatus.succeeded], "not-a-job"}
+    assert {p.name for p in settings.work_dir.iterdir()} == kept
+
+    # The worker's periodic reaper prunes them (here with no grace period at all).
+    with session_scope(settings.database_url) as session:
+        crud.cancel_job(session, job_id=ids[JobStatus.queued])
+    stop = threading.Event()
+    stop.set()  # one round, then return
+    reap_periodically(settings.model_copy(update={"keep_failed_work_dirs_s": 0.0}), stop, 0.01)
+    assert {p.name for p in settings.work_dir.iterdir()} == kept - {ids[JobStatus.queued]}
 
 
 def test_an_idle_worker_reaps_stale_jobs_periodically(settings: Settings, tmp_path: Path) -> None:
