@@ -118,7 +118,10 @@ def _client_command(args: argparse.Namespace) -> int:
             case _:
                 raise AssertionError(f"unhandled command {args.group} {args.action}")
     print(json.dumps(result, indent=2))
-    return 0 if not isinstance(result, dict) or result.get("status") != "failed" else 1
+    status = result.get("status") if isinstance(result, dict) else None
+    if args.action == "wait":
+        return 0 if status == "succeeded" else 1  # scripts wait for a result: cancelled is not one
+    return 1 if status == "failed" else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ApiError, UsageError) as exc:
         print(exc, file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        print(f"no such file: {exc.filename}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `pel-tune jobs show ID | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 0
     except httpx.TransportError as exc:
         print(f"cannot reach the PEL Tune API at {args.url}: {exc} (set --url or PELTUNE_URL)", file=sys.stderr)
         return 1

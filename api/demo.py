@@ -329,7 +329,7 @@ def run_demo(home: Path, *, control: bool = False) -> None:
     print()
     if not control:
         print("Is the change PEL's doing? `pel-tune demo --control` runs a Dice+CE fine-tune with the same settings")
-        print("beside it; on BBBC039 we measured the control gaining as much (docs/results.md).")
+        print("beside it; on BBBC039 we measured the control gaining more (docs/results.md).")
     print(f"Fine-tuned checkpoint: {checkpoint}")
     print(f"  (also at GET /v1/jobs/{finetune['id']}/checkpoint; best validation Dice at step {summary['best_step']})")
     print(f"Done in {time.monotonic() - started:.0f} s.")

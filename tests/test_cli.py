@@ -59,3 +59,9 @@ def test_malformed_config_json_is_a_one_line_error():
     assert result.returncode == 1
     assert "--config is not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_upload_file_is_a_one_line_error_not_a_traceback():
+    result = run_cli("checkpoints", "--url", "http://127.0.0.1:9", "add", "--file", "no-such-model.pt")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "no such file: no-such-model.pt"

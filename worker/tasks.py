@@ -440,13 +440,15 @@ class SnapshotShipper:
         self.settings = settings
         self.shipped_step = 0
 
-    def poll(self) -> None:
+    def poll(self, recorded_step: int) -> None:
+        """Ship the newest snapshot if the metric points up to its step are in SQL (``recorded_step``): a retry
+        resumes after the snapshot and never writes those points again, so they must be stored first."""
         try:
             info = json.loads((self.out_dir / SNAPSHOT_INFO).read_text())
             step, inode = int(info["step"]), int(info["inode"])
         except (OSError, ValueError, KeyError, TypeError):
             return  # none yet, or being written
-        if step <= self.shipped_step:
+        if step <= self.shipped_step or step > recorded_step:
             return
         link = self.out_dir.parent / ".snapshot-upload.pt"
         link.unlink(missing_ok=True)
@@ -572,13 +574,18 @@ def supervise(
     JobStopped here, and leaving the TrainingProcess block kills its whole process group."""
     deadline = time.monotonic() + settings.job_timeout_s
     pending: list[dict[str, Any]] = []
+    recorded_step = 0  # the newest step whose metric points are stored
     while True:
         code = process.wait(timeout=settings.poll_interval_s)
         pending += follower.read_new()
-        if shipper is not None:
-            shipper.poll()
-        if _write_progress(job_id, pending, settings) is False:
+        newest = max((int(point["step"]) for point in pending), default=None)
+        written = _write_progress(job_id, pending, settings)
+        if written is False:
             heartbeat.lost = True
+        elif written and newest is not None:
+            recorded_step = max(recorded_step, newest)
+        if shipper is not None:
+            shipper.poll(recorded_step)
         if heartbeat.lost:
             status = _status_of(job_id, settings)
             raise JobStopped(f"the job stopped being running while it trained (now {status.value if status else '?'})")
