@@ -58,7 +58,6 @@ def refuse_placeholder_secrets(settings: Settings) -> None:
     """Production must not start with a secret anyone can guess: name the first offending setting. Every process
     checks these; the admin key, which only the API needs (workers run without it), is required by the API's
     startup (api.auth.admin_key_at_startup) and checked here whenever it is set."""
-    fix = FIX_SECRET
     if settings.admin_key:
         refuse_weak_admin_key(settings.admin_key)
     for name in ("database_url", "broker_url"):
@@ -66,13 +65,13 @@ def refuse_placeholder_secrets(settings: Settings) -> None:
         if password is not None and is_placeholder(password):
             raise ValueError(
                 f"PELTUNE_{name.upper()} carries a placeholder password ({password!r}), which PELTUNE_ENV=production "
-                f"refuses: {fix} (PELTUNE_{name.upper()}_FILE)"
+                f"refuses: {FIX_SECRET} (PELTUNE_{name.upper()}_FILE)"
             )
     aws_secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if aws_secret is not None and is_placeholder(aws_secret):
         raise ValueError(
-            f"AWS_SECRET_ACCESS_KEY is a placeholder ({aws_secret!r}), which PELTUNE_ENV=production refuses: {fix} "
-            "(or AWS_SHARED_CREDENTIALS_FILE)"
+            f"AWS_SECRET_ACCESS_KEY is a placeholder ({aws_secret!r}), which PELTUNE_ENV=production refuses: "
+            f"{FIX_SECRET} (or AWS_SHARED_CREDENTIALS_FILE)"
         )
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from pel.models.intake import (
     PEL_TUNE,
+    PEL_TUNE_FILE_FORMAT,
     SAFETENSORS,
     SAFETENSORS_ARCH_KEY,
     STATE_DICT,
@@ -52,8 +53,7 @@ __all__ = [
     "save_model",
 ]
 
-CHECKPOINT_FORMAT = "pel-tune.unet/1"
-_MAX_NAMES = 8  # key lists in messages are cut here: a wrong architecture can differ in hundreds of keys
+CHECKPOINT_FORMAT = PEL_TUNE_FILE_FORMAT
 
 
 class CheckpointError(ValueError):
@@ -116,7 +116,7 @@ def load_checkpoint(
     if "format" not in payload:
         raise CheckpointError(
             f'{path}: not a PEL Tune checkpoint: the "format" entry is missing (expected "{CHECKPOINT_FORMAT}"; '
-            f"top-level keys: {_names(payload)})"
+            f"top-level keys: {names_text(payload)})"
         )
     if payload["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -134,7 +134,7 @@ def load_checkpoint(
     state = payload["state_dict"]
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
-        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {_names(non_tensors)}")
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {names_text(non_tensors)}")
     _check_fits(path, model, state, model.config.to_dict())
     model.load_state_dict(state, strict=True)
     meta = payload.get("meta") or {}
@@ -210,7 +210,7 @@ def load_model(
                 raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
             non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
             if non_tensors:
-                raise CheckpointError(f"{path}: state_dict entries that are not tensors: {_names(non_tensors)}")
+                raise CheckpointError(f"{path}: state_dict entries that are not tensors: {names_text(non_tensors)}")
             from pel.models.zoo import build_model  # smp is imported only when a job uses it
 
             model = build_model(architecture)
@@ -303,10 +303,6 @@ def _check_fits(path: Path, model: nn.Module, state: dict[str, torch.Tensor], ar
         raise CheckpointError(
             f"{path}: the weights do not fit the declared architecture {architecture}: " + "; ".join(problems)
         )
-
-
-def _names(items: Any) -> str:
-    return names_text(items)
 
 
 def _weights_only_reason(message: str) -> str:

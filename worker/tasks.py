@@ -421,6 +421,7 @@ def restore_snapshot(spec: JobSpec, out_dir: Path, settings: Settings) -> None:
     with_db_retry("drop metric points past the resume step", spec.id, settings, drop_points)
 
 
+# The names pel.train writes in out/ (not imported from there: pel.train imports torch).
 SNAPSHOT = "snapshot.pt"
 SNAPSHOT_INFO = "snapshot.json"
 

@@ -132,9 +132,8 @@ def _inspect_checkpoint_uri(
     uri: str, settings: Settings, store: ObjectStore, checkpoint_id: str, declared: str | None
 ) -> tuple[str, str | None, int, str, str, str, dict[str, Any] | None]:
     """(stored uri, its key in our store (None: registered in place), size, sha256, source path or uri for the
-    display name, format, architecture). A ``file://``
-    source is copied once, checked and digested as that copy, and the copy is what goes into the store (no window
-    between the check and the copy for the source to change)."""
+    display name, format, architecture). A ``file://`` source is copied once, checked and digested as that copy,
+    and the copy is what goes into the store (no window between the check and the copy for the source to change)."""
     try:
         with tempfile.TemporaryDirectory(dir=settings.scratch_dir()) as tmp:
             source = file_uri_path(uri) if uri.startswith("file:") else None

@@ -51,7 +51,7 @@ __all__ = [
 
 PEL_TUNE, TORCHSCRIPT, STATE_DICT, SAFETENSORS = "pel-tune", "torchscript", "state_dict", "safetensors"
 FORMATS = (PEL_TUNE, TORCHSCRIPT, STATE_DICT, SAFETENSORS)
-PEL_TUNE_FILE_FORMAT = "pel-tune.unet/1"  # the "format" entry inside PEL Tune's own files (pel.checkpoint)
+PEL_TUNE_FILE_FORMAT = "pel-tune.unet/1"  # the "format" entry inside PEL Tune's own files (= CHECKPOINT_FORMAT)
 # segmentation_models_pytorch's architectures (smp.create_model names), checked here so a typo is a 422.
 SMP_ARCHS = (
     "Unet",
