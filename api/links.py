@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from api.deps import CheckpointDep, SettingsDep
 from api.errors import Conflict
 from api.settings import Settings
+from pel.models.intake import file_suffix
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
@@ -35,8 +36,8 @@ def checkpoint_link(checkpoint: CheckpointDep, settings: SettingsDep) -> Downloa
     parsed = urlparse(checkpoint.uri)
     if parsed.scheme != "s3":
         raise Conflict(f"checkpoint {checkpoint.id} is not in an S3 store; download it from its /download route")
-    suffix = ".safetensors" if checkpoint.format == "safetensors" else ".pt"
-    url = presigned_get_url(parsed.netloc, parsed.path.lstrip("/"), settings, filename=f"{checkpoint.id}{suffix}")
+    filename = checkpoint.id + file_suffix(checkpoint.format)
+    url = presigned_get_url(parsed.netloc, parsed.path.lstrip("/"), settings, filename=filename)
     return DownloadLink(url=url, expires_at=datetime.now(UTC) + timedelta(seconds=settings.download_link_expiry_s))
 
 

@@ -51,7 +51,7 @@ from api.settings import Settings, get_settings
 from api.storage import StorageError, file_digest, file_uri_path, get_store, localize, store_for_uri
 from pel.config import TrainConfig
 from pel.data import DatasetError, extract_archive, open_dataset
-from pel.models.intake import IntakeError, inspect_file, write_spec
+from pel.models.intake import IntakeError, file_suffix, inspect_file, write_spec
 from worker.celery_app import app
 from worker.launcher import TrainingProcess, build_command
 
@@ -716,7 +716,7 @@ def publish(spec: JobSpec, out_dir: Path, settings: Settings) -> Output:
         architecture = spec.checkpoint_architecture  # a state_dict's architecture is the one it was trained as
     size, sha256 = file_digest(model)
     checkpoint_id = new_id()
-    name = "model.safetensors" if inspection.format == "safetensors" else "model.pt"
+    name = "model" + file_suffix(inspection.format)
     uri = get_store(settings).put_file(f"checkpoints/{checkpoint_id}/{name}", model)
     return Output(
         checkpoint_id=checkpoint_id,

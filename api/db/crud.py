@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, Select, delete, select, update
+from sqlalchemy import ColumnElement, CursorResult, Select, delete, select, true, update
 from sqlalchemy.orm import Session
 
 from api.db.models import (
@@ -29,6 +29,8 @@ from api.db.models import (
     new_id,
     utcnow,
 )
+
+TRUE = true()  # the default of an optional extra condition on a job's row
 
 # The tenant-owned tables (each has id, tenant_id and created_at).
 Owned = TypeVar("Owned", Checkpoint, Dataset, Job)
@@ -376,8 +378,10 @@ def finish_job(
     summary: dict[str, Any] | None = None,
     output_checkpoint_id: str | None = None,
     now: datetime | None = None,
+    only_if: ColumnElement[bool] = TRUE,
 ) -> bool:
-    """running -> succeeded|failed; False when the job was not running (already finished, cancelled or reaped)."""
+    """running -> succeeded|failed; False when the job was not running (already finished, cancelled or reaped) or
+    ``only_if`` (an extra SQL condition on the row) no longer holds."""
     if status not in (JobStatus.succeeded, JobStatus.failed):
         raise ValueError(f"finish_job needs succeeded or failed, got {status!r}")
     now = now or utcnow()
@@ -385,17 +389,21 @@ def finish_job(
     if status is JobStatus.succeeded:
         values.update(progress=1.0, summary=summary, output_checkpoint_id=output_checkpoint_id)
     reason = "training finished" if status is JobStatus.succeeded else (error or "failed")
-    return _transition(session, job_id, JobStatus.running, status, reason=reason[:2000], now=now, **values)
+    return _transition(session, job_id, JobStatus.running, status, only_if, reason=reason[:2000], now=now, **values)
 
 
-def retry_job(session: Session, *, job_id: str, reason: str, now: datetime | None = None) -> bool:
-    """running -> queued for another attempt (the caller checked the attempts left and sends the message)."""
+def retry_job(
+    session: Session, *, job_id: str, reason: str, now: datetime | None = None, only_if: ColumnElement[bool] = TRUE
+) -> bool:
+    """running -> queued for another attempt (the caller checked the attempts left and sends the message);
+    ``only_if`` is an extra SQL condition on the row."""
     now = now or utcnow()
     return _transition(
         session,
         job_id,
         JobStatus.running,
         JobStatus.queued,
+        only_if,
         reason=reason[:2000],
         now=now,
         error=reason,
@@ -435,36 +443,13 @@ def recover_stale_jobs(
     lost = f"worker lost: no heartbeat for more than {heartbeat_timeout_s:.0f} s"
     requeued, failed = [], []
     for job_id, attempt in stale:
-        still_stale = Job.heartbeat_at < cutoff
+        still_stale = Job.heartbeat_at < cutoff  # its worker may have beaten since the select
+        reason = f"{lost} during attempt {attempt} of {max_attempts}"
         if attempt < max_attempts:
-            reason = f"{lost} during attempt {attempt} of {max_attempts}; queued again"
-            if _transition(
-                session,
-                job_id,
-                JobStatus.running,
-                JobStatus.queued,
-                still_stale,
-                reason=reason,
-                now=now,
-                error=reason,
-                heartbeat_at=None,
-                enqueued_at=now,
-            ):
+            if retry_job(session, job_id=job_id, reason=f"{reason}; queued again", now=now, only_if=still_stale):
                 requeued.append(job_id)
-        else:
-            reason = f"{lost} during attempt {attempt} of {max_attempts}"
-            if _transition(
-                session,
-                job_id,
-                JobStatus.running,
-                JobStatus.failed,
-                still_stale,
-                reason=reason,
-                now=now,
-                error=reason,
-                finished_at=now,
-            ):
-                failed.append(job_id)
+        elif finish_job(session, job_id=job_id, status=JobStatus.failed, error=reason, now=now, only_if=still_stale):
+            failed.append(job_id)
     return requeued, failed
 
 

@@ -37,7 +37,7 @@ from api.storage import (
     removed_on_error,
     store_for_uri,
 )
-from pel.models.intake import IntakeError, inspect_file, parse_architecture, resolve
+from pel.models.intake import IntakeError, file_suffix, inspect_file, parse_architecture, resolve
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[Depends(get_tenant)])
 
@@ -198,8 +198,7 @@ def checkpoint_stream(checkpoint: Checkpoint, settings: Settings) -> StreamingRe
             f"checkpoint {checkpoint.id} changed since it was registered "
             f"(size {size} bytes, registered {checkpoint.size_bytes} bytes)"
         )
-    suffix = ".safetensors" if checkpoint.format == "safetensors" else ".pt"
-    filename = safe_name(checkpoint.name, "model") + suffix
+    filename = safe_name(checkpoint.name, "model") + file_suffix(checkpoint.format)
     return StreamingResponse(
         store.open_stream(key),
         media_type="application/octet-stream",

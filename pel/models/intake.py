@@ -68,6 +68,13 @@ SMP_ARCHS = (
     "DPT",
 )
 SAFETENSORS_ARCH_KEY = "pel_tune.architecture"  # in a safetensors header's __metadata__
+
+
+def file_suffix(fmt: str) -> str:
+    """The file name suffix a checkpoint of this format is stored and downloaded under."""
+    return ".safetensors" if fmt == SAFETENSORS else ".pt"
+
+
 MAX_NAMES = 8  # key lists in messages are cut here: a wrong architecture can differ in hundreds of keys
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own reader refuses larger headers too
 MAX_PICKLE_BYTES = 64 * 1024 * 1024  # data.pkl holds names and shapes only; the tensor bytes are separate entries

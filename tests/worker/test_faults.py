@@ -24,6 +24,7 @@ from api.storage import get_store
 from tests.factories import make_dataset
 from tests.services import (
     REDIS_URL,
+    REPO_ROOT,
     alembic_upgrade_head,
     forget_redis_queue,
     fresh_postgres_database,
@@ -35,7 +36,6 @@ from tests.services import (
 from tests.worker.processes import alive, training_pids
 from worker.tasks import execute_job, snapshot_key
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # A run that lasts until it is interrupted; small enough that a step is milliseconds on one CPU thread.
 ENDLESS = {
     "loss": "dice_ce",
